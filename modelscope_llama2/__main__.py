@@ -1,0 +1,5 @@
+import sys
+
+from modelscope_llama2.cli import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""Reuse of KV caches across chat turns.
+
+Turn N's prompt starts with turn N-1's prompt and (nearly all of) its answer,
+which the model has already processed. A :class:`PromptCache` keeps the KV
+caches of the last few generations with the token ids they hold; a new
+prompt takes the entry sharing the longest prefix with it, so only the rest
+is prefilled.
+
+* An entry is checked out for the length of one generation and checked back
+  in afterwards, so two threads never write to one cache.
+* An entry whose whole prompt starts the new prompt (its conversation going
+  on; the answer part may differ where the re-encoded answer tokenizes
+  otherwise than generated) is taken. One that diverges inside its prompt
+  (an edited or truncated history, another conversation with the same
+  system prompt) is copied up to the common prefix and stays for its own
+  conversation.
+* Entries are evicted least recently used first, beyond ``max_entries`` or
+  ``max_bytes`` of KV tensors.
+"""
+
+import copy
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple
+
+
+@dataclass
+class CacheStats:
+    lookups: int = 0
+    hits: int = 0
+    reused_tokens: int = 0
+
+
+class PromptCache:
+    """An LRU of ``(token ids, KV cache)`` entries, safe to share between threads.
+
+    Example:
+        >>> cache = PromptCache(max_entries=2)
+        >>> cache.checkout([1, 2, 3]) is None
+        True
+    """
+
+    def __init__(self, max_entries: int = 4, max_bytes: Optional[int] = None):
+        if not isinstance(max_entries, int) or isinstance(max_entries, bool) or max_entries < 0:
+            raise ValueError(f"max_entries: expected a non-negative int, got {max_entries!r}")
+        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
+            raise ValueError(f"max_bytes: expected a non-negative int or None, got {max_bytes!r}")
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.stats = CacheStats()
+        # key -> (token ids the cache holds, cache, bytes, length of the prompt part)
+        self._entries: "OrderedDict[int, Tuple[Tuple[int, ...], Any, int, int]]" = OrderedDict()
+        self._next_key = 0
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_entries > 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of KV tensors held by the entries not checked out."""
+        with self._lock:
+            return sum(entry[2] for entry in self._entries.values())
+
+    def clear(self) -> None:
+        """Drop every entry (caches checked out right now are not affected)."""
+        with self._lock:
+            self._entries.clear()
+
+    def checkout(self, prompt_ids: Sequence[int]) -> Optional[Tuple[Any, int]]:
+        """A KV cache holding a prefix of ``prompt_ids``, and that prefix's length.
+
+        The cache is the caller's until :meth:`checkin`. At least the last
+        prompt token is left uncached, since generation needs one input.
+        Returns ``None`` when no entry shares a prefix.
+        """
+        if not self.enabled:
+            return None
+        with self._lock:
+            self.stats.lookups += 1
+            best_key, best_len = None, 0
+            for key, (ids, *_) in self._entries.items():
+                shared = _common_prefix(ids, prompt_ids)
+                if shared > best_len:
+                    best_key, best_len = key, shared
+            usable = min(best_len, len(prompt_ids) - 1)
+            if best_key is None or usable <= 0:
+                return None
+            ids, cache, _, prompt_len = self._entries[best_key]
+            if usable >= prompt_len:
+                del self._entries[best_key]
+            else:
+                cache = copy.deepcopy(cache)
+                self._entries.move_to_end(best_key)
+            self.stats.hits += 1
+            self.stats.reused_tokens += usable
+        _crop(cache, usable)
+        return cache, usable
+
+    def checkin(self, token_ids: Sequence[int], cache: Any, prompt_len: int) -> None:
+        """Keep ``cache``, which holds the KV of ``token_ids[:cache length]``; the first ``prompt_len`` were the prompt."""
+        if not self.enabled or cache is None:
+            return
+        length = cache.get_seq_length()
+        entry = (tuple(token_ids[:length]), cache, _nbytes(cache), prompt_len)
+        with self._lock:
+            self._entries[self._next_key] = entry
+            self._next_key += 1
+            while self._entries and (len(self._entries) > self.max_entries or self._over_bytes()):
+                self._entries.popitem(last=False)
+
+    def _over_bytes(self) -> bool:
+        return self.max_bytes is not None and sum(entry[2] for entry in self._entries.values()) > self.max_bytes
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _crop(cache: Any, length: int) -> None:
+    # transformers 5 crops by a negative count of tokens to remove.
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def _nbytes(cache: Any) -> int:
+    return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+
+
+def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
+    """Theoretical KV bytes per token: 2 x layers x kv_heads x head_dim x dtype bytes."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="modelscope_llama2",
+    version="0.1.0",
+    description="Meta's Llama 2 chat models through ModelScope's standard APIs, token-exact and fast",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["modelscope_llama2", "modelscope_llama2.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "modelscope>=1.40.2,<1.41",
+        # What modelscope's model and pipeline layers import but do not declare.
+        "addict",
+        "datasets",
+        "pillow",
+        "simplejson",
+        "sortedcontainers",
+        "torch>=2.1",
+        "transformers>=5.0,<6",
+        "sentencepiece>=0.2",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "protobuf>=4",
+        "jinja2>=3.1",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2"]},
+    entry_points={"console_scripts": ["modelscope-llama2=modelscope_llama2.cli:main"]},
+)

@@ -1,0 +1,123 @@
+"""Streaming, batches, stop strings, seeds and finish reasons on real generate() runs.
+
+The scripted checkpoint answers every chat prompt with ``SCRIPT`` (ASCII, a
+3-byte and a 4-byte character spelled with byte-fallback tokens, then EOS),
+so the streamed text can be checked byte for byte.
+"""
+
+import itertools
+
+import pytest
+
+from tests.conftest import SCRIPT
+
+GREEDY = {"do_sample": False}
+
+
+def test_scripted_model_answers_the_script(scripted_model, tokenizer):
+    output = scripted_model.chat({"text": "hello", **GREEDY}, tokenizer)
+    assert output == {"response": SCRIPT, "history": [("hello", SCRIPT)], "finish_reason": "eos"}
+
+
+def test_stream_never_shows_a_broken_character_and_ends_as_chat(scripted_model, tokenizer):
+    inputs = {"text": "hello", "history": [("a", "b")], **GREEDY}
+    items = list(scripted_model.stream_chat(inputs, tokenizer))
+    texts = [item["response"] for item in items]
+    # One item per visible change: the 3 byte tokens of 龍 and the 4 of 🐉
+    # show up as one step each, whole.
+    assert texts == ["Y", "Yes", "Yes,", "Yes,龍", "Yes,龍🐉", "Yes,龍🐉!", "Yes,龍🐉!"]
+    for text in texts:
+        assert "\ufffd" not in text and text.encode("utf-8").decode("utf-8") == text
+        assert SCRIPT.startswith(text)
+    assert [item["finish_reason"] for item in items] == [None] * 6 + ["eos"]
+    assert items[-1] == scripted_model.chat(inputs, tokenizer)
+    assert all(item["history"][:-1] == [("a", "b")] for item in items)
+
+
+def test_stream_on_random_model_is_a_prefix_chain_ending_as_chat(tiny_model, tokenizer):
+    inputs = {"text": "浙江的省会 😀", "system": "be brief", "max_new_tokens": 40, **GREEDY}
+    items = list(tiny_model.stream_chat(inputs, tokenizer))
+    final = tiny_model.chat(inputs, tokenizer)
+    assert items[-1] == final
+    for before, after in itertools.pairwise(item["response"] for item in items):
+        assert after.startswith(before) and before != after or after == final["response"]
+        assert not before.endswith("\ufffd")
+
+
+def test_closing_a_stream_early_stops_generation(tiny_model, tokenizer):
+    stream = tiny_model.stream_chat({"text": "hi", "max_new_tokens": 500, **GREEDY}, tokenizer)
+    first = next(stream)
+    stream.close()  # must return promptly, the worker thread joined
+    assert first["finish_reason"] is None
+
+
+def test_token_limit_cut_drops_an_incomplete_character(scripted_model, tokenizer):
+    # 5 tokens: ▁ Y es , and the first byte of 龍.
+    output = scripted_model.chat({"text": "hello", "max_new_tokens": 5, **GREEDY}, tokenizer)
+    assert output["response"] == "Yes," and output["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("stop,expected", [(["🐉"], "Yes,龍"), ([",", "!"], "Yes"), ("s,龍", "Ye"), (["nope"], SCRIPT)])
+def test_stop_strings_end_and_strip(scripted_model, tokenizer, stop, expected):
+    inputs = {"text": "hello", "stop": stop, **GREEDY}
+    output = scripted_model.chat(inputs, tokenizer)
+    assert output["response"] == expected
+    assert output["finish_reason"] == ("eos" if expected == SCRIPT else "stop")
+    streamed = [item["response"] for item in scripted_model.stream_chat(inputs, tokenizer)]
+    assert streamed[-1] == expected and all(expected.startswith(text) for text in streamed)
+
+
+def test_batch_equals_single_calls(tiny_model, scripted_model, tokenizer):
+    batch = [
+        {"text": "Where is the capital of Zhejiang?", "system": "be brief", "max_new_tokens": 12, **GREEDY},
+        {"text": "hi", "max_new_tokens": 12, **GREEDY},
+        {"text": "西湖", "history": [("a", "b"), ("c", "d")], "max_new_tokens": 12, **GREEDY},
+    ]
+    assert tiny_model.chat(batch, tokenizer) == [tiny_model.chat(inputs, tokenizer) for inputs in batch]
+    scripted = [{"text": "hello", **GREEDY}, {"text": "a much longer message than the first one", **GREEDY}]
+    assert scripted_model.chat(scripted, tokenizer) == [scripted_model.chat(i, tokenizer) for i in scripted]
+
+
+def test_batch_rows_keep_their_own_token_limits(tiny_model, tokenizer):
+    batch = [{"text": "hi", "max_new_tokens": 3, **GREEDY}, {"text": "hi", "max_new_tokens": 9, **GREEDY}]
+    short, long = tiny_model.chat(batch, tokenizer)
+    assert short == tiny_model.chat(batch[0], tokenizer)
+    assert long == tiny_model.chat(batch[1], tokenizer)
+
+
+def test_seed_makes_sampling_reproducible(tiny_model, tokenizer):
+    def sample(seed):
+        return tiny_model.chat({"text": "hi", "max_new_tokens": 16, "do_sample": True, "temperature": 1.5,
+                                "seed": seed}, tokenizer)["response"]
+
+    assert sample(1) == sample(1)
+    assert len({sample(seed) for seed in range(4)}) > 1
+
+
+def test_seed_leaves_the_global_random_state_alone(tiny_model, tokenizer):
+    import torch
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    tiny_model.chat({"text": "hi", "max_new_tokens": 4, "do_sample": True, "seed": 9}, tokenizer)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_complete_continues_plain_text(scripted_model, tokenizer):
+    # No chat format: the prompt is BOS + text, which here ends like a chat prompt.
+    output = scripted_model.complete({"text": "hello [/INST]", **GREEDY}, tokenizer)
+    assert output == {"text": " " + SCRIPT, "finish_reason": "eos"}
+    echoed = scripted_model.complete({"text": "hello [/INST]", "echo": True, **GREEDY}, tokenizer)
+    assert echoed["text"] == "hello [/INST] " + SCRIPT
+    streamed = [item["text"] for item in scripted_model.stream_complete({"text": "hello [/INST]", **GREEDY}, tokenizer)]
+    assert streamed[-1] == " " + SCRIPT and all((" " + SCRIPT).startswith(text) for text in streamed)
+    batch = scripted_model.complete([{"text": "hello [/INST]", **GREEDY}, {"text": "x [/INST]", **GREEDY}], tokenizer)
+    assert batch == [output, output]
+
+
+def test_complete_refuses_bad_input(tiny_model, tokenizer):
+    with pytest.raises(TypeError, match=r"inputs\['echo'\]: expected a bool"):
+        tiny_model.complete({"text": "x", "echo": 1}, tokenizer)
+    with pytest.raises(ValueError, match=r"text: the prompt takes \d+ tokens, more than the 24 tokens"):
+        tiny_model.complete({"text": "word " * 100, "max_length": 32}, tokenizer)

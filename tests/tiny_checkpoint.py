@@ -1,0 +1,155 @@
+"""Tiny Llama 2 checkpoints in ModelScope layout, built from scratch for tests.
+
+The tokenizer is a sentencepiece BPE trained here with Llama's settings
+(byte fallback, split digits, identity normalization, dummy prefix, no
+whitespace folding, unk=0 bos=1 eos=2); the model is a random ``LlamaConfig``
+with a few layers. Nothing is downloaded.
+"""
+
+import io
+import json
+import os
+import shutil
+
+import sentencepiece as spm
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CORPUS = [
+    "Where is the capital of Zhejiang? The capital of Zhejiang is Hangzhou.",
+    "What are the interesting places there? West Lake, Lingyin Temple and the Grand Canal.",
+    "[INST] <<SYS>>\nyou are a helpful assistant!\n<</SYS>>\n\nHello there [/INST] Hi! How can I help? ",
+    "浙江的省会是杭州。西湖很美，灵隐寺也很有名。你好，世界！",
+    "日本語のテキストも少し。한국어 문장도 있습니다.",
+    "Numbers: 0123456789, 3.14159, 2023-07-18, 4096 tokens and 70B parameters.",
+    "Emoji 😀🎉👍🏽 and symbols ©®™ ✓ → ← «quotes» “curly” ‘single’.",
+    "Tabs\tand  double  spaces   and    more     spaces\nnew lines\n\nparagraphs.",
+    "def chat(inputs, tokenizer):\n    return model.generate(**inputs)  # code",
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.",
+    "</s> <s> <unk> are sentencepiece control pieces but plain text here.",
+]
+
+
+def train_sentencepiece(path: str, vocab_size: int = 400) -> None:
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 20),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+
+
+def tiny_config(vocab_size: int, **overrides) -> LlamaConfig:
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+# What the ModelScope Llama 2 chat repos carry.
+MODELSCOPE_CHAT_CONFIGURATION = {
+    "framework": "pytorch",
+    "task": "chat",
+    "model": {"type": "llama2"},
+    "pipeline": {"type": "llama2-text-generation-chat-pipeline"},
+}
+MODELSCOPE_TEXT_GENERATION_CONFIGURATION = {
+    "framework": "pytorch",
+    "task": "text-generation",
+    "model": {"type": "llama"},
+    "pipeline": {"type": "llama2-text-generation-pipeline"},
+}
+
+
+def repo_configuration() -> dict:
+    with open(os.path.join(REPO_ROOT, "configuration.json")) as f:
+        return json.load(f)
+
+
+def build_tiny_checkpoint(directory: str, configuration: dict = None, seed: int = 0, tokenizer_dir: str = None,
+                          **config_overrides) -> str:
+    """Write a complete tiny checkpoint to ``directory`` and return it."""
+    os.makedirs(directory, exist_ok=True)
+    vocab = os.path.join(directory, "tokenizer.model")
+    if tokenizer_dir:
+        shutil.copy(os.path.join(tokenizer_dir, "tokenizer.model"), vocab)
+    else:
+        train_sentencepiece(vocab)
+    vocab_size = spm.SentencePieceProcessor(model_file=vocab).vocab_size()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(vocab_size, **config_overrides))
+    # Random init gives near-uniform logits; a larger scale makes greedy
+    # decoding decisive, so tiny numerical differences cannot flip a token.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    model.generation_config = GenerationConfig(
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True, temperature=0.6, top_p=0.9, max_length=4096
+    )
+    model.save_pretrained(directory)
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+                   "model_max_length": 4096, "legacy": False}, f)
+    with open(os.path.join(directory, "configuration.json"), "w") as f:
+        json.dump(configuration or repo_configuration(), f, indent=4)
+    return directory
+
+
+def build_scripted_checkpoint(directory: str, script: str, tokenizer_dir: str, configuration: dict = None) -> str:
+    """A checkpoint whose greedy answer to any chat prompt is ``script`` followed by EOS.
+
+    Every decoder block's output projections are zeroed, so the residual
+    stream is the current token's embedding and the next token depends on the
+    current one only; ``lm_head`` then maps each token of the chain
+    ``prompt end -> script tokens -> EOS`` to its successor. A real
+    ``LlamaForCausalLM`` with set weights: streaming, stops and batches can be
+    checked against known text, multi-byte characters included.
+    """
+    build_tiny_checkpoint(directory, configuration=configuration, tokenizer_dir=tokenizer_dir)
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(directory, "tokenizer.model"))
+    chain = [sp.encode("[INST] x [/INST]")[-1], *sp.encode(script), sp.eos_id()]
+    if len(set(chain[:-1])) != len(chain) - 1:
+        raise ValueError(f"script {script!r}: every token must be distinct so the chain cannot loop")
+    model = LlamaForCausalLM.from_pretrained(directory)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embeddings = model.model.embed_tokens.weight
+        embeddings.copy_(torch.nn.functional.normalize(embeddings, dim=-1))
+        model.lm_head.weight.zero_()
+        for token, successor in zip(chain, chain[1:]):
+            model.lm_head.weight[successor] += 50.0 * embeddings[token]
+    model.save_pretrained(directory)
+    return directory
