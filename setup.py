@@ -7,6 +7,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["modelscope_llama2", "modelscope_llama2.*"]),
+    # The offline demo checkpoint that `python -m modelscope_llama2 chat` uses by default.
+    package_data={"modelscope_llama2": ["demo_checkpoint/*"]},
     python_requires=">=3.9",
     install_requires=[
         "modelscope>=1.40.2,<1.41",

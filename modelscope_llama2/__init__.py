@@ -12,6 +12,9 @@ Example:
 """
 
 from .chat_format import Dialog, Message, encode_dialog
+from .checkpoint import save_checkpoint
+from .convert import convert_meta_checkpoint
+from .hub import fetch_checkpoint, push_checkpoint
 from .model import Llama2ForChat
 from .prompt_cache import PromptCache
 from .registration import register as _register
@@ -19,5 +22,16 @@ from .tokenizer import Llama2Tokenizer
 
 _register()
 
-__all__ = ["Dialog", "Message", "encode_dialog", "Llama2ForChat", "Llama2Tokenizer", "PromptCache"]
+__all__ = [
+    "Dialog",
+    "Message",
+    "encode_dialog",
+    "Llama2ForChat",
+    "Llama2Tokenizer",
+    "PromptCache",
+    "save_checkpoint",
+    "push_checkpoint",
+    "fetch_checkpoint",
+    "convert_meta_checkpoint",
+]
 __version__ = "0.1.0"

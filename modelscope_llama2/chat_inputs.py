@@ -89,15 +89,19 @@ def parse_batch(inputs: Any, parse) -> list:
     if not inputs:
         raise ValueError("inputs: expected a non-empty list of input dicts")
     requests = [parse(item, f"inputs[{i}]") for i, item in enumerate(inputs)]
-    first = requests[0].spec
-    for i, request in enumerate(requests[1:], start=1):
-        spec = request.spec
+    check_same_settings([request.spec for request in requests])
+    return requests
+
+
+def check_same_settings(specs: List[GenerationSpec]) -> None:
+    """A batch runs as one ``generate()`` call: only the token limits may differ."""
+    first = specs[0]
+    for i, spec in enumerate(specs[1:], start=1):
         if (spec.stop, spec.seed, spec.generate_kwargs) != (first.stop, first.seed, first.generate_kwargs):
             raise ValueError(
                 f"inputs[{i}]: a batch runs as one generate() call, so its generation settings "
                 "(stop, seed, sampling options) must equal those of inputs[0]"
             )
-    return requests
 
 
 def _parse_spec(inputs: Mapping[str, Any], own_keys: set, where: str) -> GenerationSpec:

@@ -34,30 +34,72 @@ def _run_chat(args: argparse.Namespace) -> int:
 
 
 def _add_push(subparsers) -> None:
-    parser = subparsers.add_parser("push", help="publish a checkpoint dir as a tagged revision on the ModelScope hub")
+    parser = subparsers.add_parser(
+        "push", help="publish a checkpoint dir as a tagged revision on the ModelScope hub",
+        description="Make TAG of REPO_ID hold exactly the files of DIR, verified by size and sha256. "
+                    "The hub is MODELSCOPE_ENDPOINT; the token is --token, MODELSCOPE_API_TOKEN or a login.",
+    )
+    parser.add_argument("dir", metavar="DIR", help="checkpoint directory")
+    parser.add_argument("repo_id", metavar="REPO_ID", help="owner/name (created when missing)")
+    parser.add_argument("--tag", required=True, help="release tag to create, e.g. v1.0.2 (must not exist yet)")
+    parser.add_argument("--token", help="ModelScope access token")
+    parser.add_argument("--message", help="commit message (default: 'Release TAG')")
+    parser.add_argument("--branch", default="master", help="branch that receives the commit (default: master)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.set_defaults(run=_run_push)
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    raise NotImplementedError("push command: issue 4")
+    from .hub import push_checkpoint
+
+    commit = push_checkpoint(args.dir, args.repo_id, args.tag, token=args.token, commit_message=args.message,
+                             branch=args.branch, progress=args.progress)
+    print(f"{args.repo_id}@{args.tag} -> {commit}")
+    return 0
 
 
 def _add_download(subparsers) -> None:
-    parser = subparsers.add_parser("download", help="fetch one revision of a checkpoint, verified")
+    parser = subparsers.add_parser(
+        "download", help="fetch one revision of a checkpoint, verified",
+        description="Download REPO_ID at --revision, check every file against the hub's listing, "
+                    "and print the local directory.",
+    )
+    parser.add_argument("repo_id", metavar="REPO_ID", help="owner/name")
+    parser.add_argument("--revision", required=True, help="tag, branch or commit id, e.g. v1.0.2")
+    parser.add_argument("--dir", help="cache root (default: MODELSCOPE_CACHE or ~/.cache/modelscope)")
+    parser.add_argument("--token", help="ModelScope access token, for private repos")
     parser.set_defaults(run=_run_download)
 
 
 def _run_download(args: argparse.Namespace) -> int:
-    raise NotImplementedError("download command: issue 4")
+    from .hub import fetch_checkpoint
+
+    print(fetch_checkpoint(args.repo_id, args.revision, cache_dir=args.dir, token=args.token))
+    return 0
 
 
 def _add_convert(subparsers) -> None:
-    parser = subparsers.add_parser("convert", help="convert Meta's original release layout to a ModelScope checkpoint")
+    from .convert import DTYPES
+
+    parser = subparsers.add_parser(
+        "convert", help="convert Meta's original release layout to a ModelScope checkpoint",
+        description="Read params.json and consolidated.NN.pth from META_DIR and write a ModelScope "
+                    "checkpoint to OUT_DIR.",
+    )
+    parser.add_argument("meta_dir", metavar="META_DIR", help="dir with params.json and consolidated.*.pth")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="checkpoint dir to write (replaced atomically)")
+    parser.add_argument("--tokenizer", help="tokenizer.model (default: in META_DIR or its parent)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float16", help="weights dtype (default: float16)")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default: 2GB)")
     parser.set_defaults(run=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    raise NotImplementedError("convert command: issue 4")
+    from .convert import convert_meta_checkpoint
+
+    print(convert_meta_checkpoint(args.meta_dir, args.out_dir, tokenizer_path=args.tokenizer, dtype=args.dtype,
+                                  max_shard_size=args.max_shard_size))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ Example:
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -20,17 +21,19 @@ from modelscope.outputs import OutputKeys
 from transformers import LlamaForCausalLM
 
 from .chat_format import fit_dialog
+from .checkpoint import save_checkpoint
 from .chat_inputs import (
     ChatRequest,
     CompletionRequest,
     GenerationSpec,
+    check_same_settings,
     parse_batch,
     parse_chat_inputs,
     parse_completion_inputs,
 )
 from .generation import Generated, finish, iterate_in_thread, run_generate, visible_text
 from .prompt_cache import PromptCache
-from .tokenizer import VOCAB_FILE, Llama2Tokenizer, sentencepiece_tokenizer
+from .tokenizer import Llama2Tokenizer, sentencepiece_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,24 @@ logger = logging.getLogger(__name__)
 RESPONSE_RESERVE = 256
 
 Inputs = Union[Dict[str, Any], Sequence[Dict[str, Any]]]
+Output = Dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A validated request turned into prompt ids: what ``generate_prepared`` consumes.
+
+    ``decode`` turns new ids into text and ``output`` shapes that text (and a
+    finish reason) into the caller's dict, so chat and plain completion share
+    one generation path.
+    """
+
+    token_ids: List[int]
+    max_new_tokens: int
+    spec: GenerationSpec
+    tokenizer: Llama2Tokenizer
+    decode: Callable[[List[int]], str]
+    output: Callable[[str, Optional[str]], Output]
 
 
 class Llama2ForChat(LlamaForCausalLM, TorchModel):
@@ -84,16 +105,11 @@ class Llama2ForChat(LlamaForCausalLM, TorchModel):
     def save_pretrained(self, save_directory: Union[str, os.PathLike], tokenizer: Any = None,
                         max_shard_size: Union[int, str] = "2GB", **_: Any) -> str:
         """Write a complete ModelScope checkpoint (atomically); see :func:`save_checkpoint`."""
-        from .checkpoint import save_checkpoint
-
-        if tokenizer is None and getattr(self, "model_dir", None):
-            vocab = os.path.join(self.model_dir, VOCAB_FILE)
-            tokenizer = Llama2Tokenizer(vocab) if os.path.isfile(vocab) else None
         return save_checkpoint(self, save_directory, tokenizer=tokenizer, max_shard_size=max_shard_size)
 
-    # -- chat ---------------------------------------------------------------
+    # -- the documented entry points -----------------------------------------
 
-    def chat(self, inputs: Inputs, tokenizer: Any) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
+    def chat(self, inputs: Inputs, tokenizer: Any) -> Union[Output, List[Output]]:
         """Answer the last user message in Meta's Llama 2 chat format.
 
         ``inputs``: ``text`` (required) or ``messages``; ``system``, ``history``
@@ -110,37 +126,24 @@ class Llama2ForChat(LlamaForCausalLM, TorchModel):
             >>> out = model.chat({"text": "Hi!", "system": "Be brief.", "do_sample": False}, tokenizer)  # doctest: +SKIP
             >>> out["response"], out["history"]  # doctest: +SKIP
         """
-        sp = sentencepiece_tokenizer(tokenizer)
-        if isinstance(inputs, (list, tuple)):
-            requests = parse_batch(inputs, parse_chat_inputs)
-            prompts = [self._chat_prompt(request, sp) for request in requests]
-            results = self._generate_batch(prompts, requests[0].spec, sp)
-            return [_chat_output(r, *_final_text(g, sp.decode, r.spec.stop)) for r, g in zip(requests, results)]
-        request = parse_chat_inputs(inputs)
-        prompt_ids, max_new = self._chat_prompt(request, sp)
-        generated = self._generate_one(prompt_ids, request.spec, max_new, sp)
-        return _chat_output(request, *_final_text(generated, sp.decode, request.spec.stop))
+        prepared = self.prepare_chat(inputs, tokenizer)
+        return self.decode_prepared(prepared, self.generate_prepared(prepared))
 
-    def stream_chat(self, inputs: Dict[str, Any], tokenizer: Any) -> Iterator[Dict[str, Any]]:
+    def stream_chat(self, inputs: Dict[str, Any], tokenizer: Any) -> Iterator[Output]:
         """Like :meth:`chat`, yielding ``{'response': text so far, 'history', 'finish_reason'}``.
 
         Streamed text never ends in a broken multi-byte character, each item
         is a prefix of the next, and the last item equals :meth:`chat`'s output
-        (``finish_reason`` is ``None`` until then).
+        (``finish_reason`` is ``None`` until then). Input is checked on the call,
+        before the iterator is returned.
 
         Example:
             >>> for out in model.stream_chat({"text": "Hi!"}, tokenizer):  # doctest: +SKIP
             ...     print(out["response"])
         """
-        sp = sentencepiece_tokenizer(tokenizer)
-        request = parse_chat_inputs(inputs)
-        prompt_ids, max_new = self._chat_prompt(request, sp)
-        return self._stream(prompt_ids, request.spec, max_new, sp, sp.decode,
-                            lambda text, reason: _chat_output(request, text, reason))
+        return self.stream_prepared(self._prepare_one(inputs, tokenizer, self.prepare_chat))
 
-    # -- plain completion ---------------------------------------------------
-
-    def complete(self, inputs: Inputs, tokenizer: Any) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
+    def complete(self, inputs: Inputs, tokenizer: Any) -> Union[Output, List[Output]]:
         """Continue ``inputs['text']`` (BOS + text, no chat format); returns ``{'text', 'finish_reason'}``.
 
         ``text`` is the continuation, or prompt + continuation with ``echo=True``.
@@ -148,28 +151,75 @@ class Llama2ForChat(LlamaForCausalLM, TorchModel):
         Example:
             >>> model.complete({"text": "The capital of Zhejiang is", "max_new_tokens": 8}, tokenizer)  # doctest: +SKIP
         """
+        prepared = self.prepare_completion(inputs, tokenizer)
+        return self.decode_prepared(prepared, self.generate_prepared(prepared))
+
+    def stream_complete(self, inputs: Dict[str, Any], tokenizer: Any) -> Iterator[Output]:
+        """Like :meth:`complete`, yielding ``{'text': text so far, 'finish_reason'}``."""
+        return self.stream_prepared(self._prepare_one(inputs, tokenizer, self.prepare_completion))
+
+    # -- the same, step by step: tokenize, generate, decode --------------------
+
+    def prepare_chat(self, inputs: Inputs, tokenizer: Any) -> Union[PreparedPrompt, List[PreparedPrompt]]:
+        """Validate ``chat()`` inputs and build Meta's prompt ids (dropping old rounds to fit).
+
+        Example:
+            >>> prepared = model.prepare_chat({"text": "Hi!"}, tokenizer)  # doctest: +SKIP
+            >>> model.decode_prepared(prepared, model.generate_prepared(prepared))  # doctest: +SKIP
+        """
         sp = sentencepiece_tokenizer(tokenizer)
         if isinstance(inputs, (list, tuple)):
-            requests = parse_batch(inputs, parse_completion_inputs)
-            prompts = [self._completion_prompt(request, sp) for request in requests]
-            results = self._generate_batch(prompts, requests[0].spec, sp)
-            return [_completion_output(r, *_final_text(g, _continuation_decoder(r, sp), r.spec.stop))
-                    for r, g in zip(requests, results)]
-        request = parse_completion_inputs(inputs)
-        prompt_ids, max_new = self._completion_prompt(request, sp)
-        generated = self._generate_one(prompt_ids, request.spec, max_new, sp)
-        return _completion_output(request, *_final_text(generated, _continuation_decoder(request, sp), request.spec.stop))
+            return [self._prepare_chat(request, sp) for request in parse_batch(inputs, parse_chat_inputs)]
+        return self._prepare_chat(parse_chat_inputs(inputs), sp)
 
-    def stream_complete(self, inputs: Dict[str, Any], tokenizer: Any) -> Iterator[Dict[str, Any]]:
-        """Like :meth:`complete`, yielding ``{'text': text so far, 'finish_reason'}``."""
+    def prepare_completion(self, inputs: Inputs, tokenizer: Any) -> Union[PreparedPrompt, List[PreparedPrompt]]:
+        """Validate ``complete()`` inputs and encode BOS + text."""
         sp = sentencepiece_tokenizer(tokenizer)
-        request = parse_completion_inputs(inputs)
-        prompt_ids, max_new = self._completion_prompt(request, sp)
-        decode = _continuation_decoder(request, sp)
-        return self._stream(prompt_ids, request.spec, max_new, sp, decode,
-                            lambda text, reason: _completion_output(request, text, reason))
+        if isinstance(inputs, (list, tuple)):
+            return [self._prepare_completion(r, sp) for r in parse_batch(inputs, parse_completion_inputs)]
+        return self._prepare_completion(parse_completion_inputs(inputs), sp)
+
+    def generate_prepared(
+        self, prepared: Union[PreparedPrompt, List[PreparedPrompt]]
+    ) -> Union[Generated, List[Generated]]:
+        """New token ids for one prepared prompt (reusing cached KV) or a list (one padded batch)."""
+        if isinstance(prepared, list):
+            return self._generate_batch(prepared)
+        return self._generate_one(prepared)
+
+    def decode_prepared(
+        self, prepared: Union[PreparedPrompt, List[PreparedPrompt]], generated: Union[Generated, List[Generated]]
+    ) -> Union[Output, List[Output]]:
+        """The caller's output dict(s) for generated ids: text cut at stops, finish reason."""
+        if isinstance(prepared, list):
+            return [self.decode_prepared(p, g) for p, g in zip(prepared, generated)]
+        text, stopped = visible_text(prepared.decode, generated.token_ids, prepared.spec.stop, final=True)
+        return prepared.output(text, "stop" if stopped else generated.finish_reason)
+
+    def stream_prepared(self, prepared: PreparedPrompt) -> Iterator[Output]:
+        """Generate in a worker thread, yielding the output dict each time the visible text grows."""
+        def run(streamer: Any, cancel: Any) -> Generated:
+            return self._generate_one(prepared, streamer=streamer, cancel=cancel)
+
+        ids: List[int] = []
+        last = prepared.output("", None)  # nothing worth showing until some text arrives
+        for kind, value in iterate_in_thread(run):
+            if kind == "done":
+                yield self.decode_prepared(prepared, value)
+            elif value != prepared.tokenizer.eos_token_id:
+                ids.append(value)
+                item = prepared.output(visible_text(prepared.decode, ids, prepared.spec.stop, final=False)[0], None)
+                if item != last:
+                    last = item
+                    yield item
 
     # -- internals ----------------------------------------------------------
+
+    @staticmethod
+    def _prepare_one(inputs: Any, tokenizer: Any, prepare: Callable) -> PreparedPrompt:
+        if isinstance(inputs, (list, tuple)):
+            raise TypeError("inputs: stream one input dict at a time, not a list")
+        return prepare(inputs, tokenizer)
 
     def _limits(self, spec: GenerationSpec) -> Tuple[int, int]:
         """``(total token limit, tokens kept for the response)`` for a request."""
@@ -182,93 +232,72 @@ class Llama2ForChat(LlamaForCausalLM, TorchModel):
             )
         return limit, spec.max_new_tokens or min(RESPONSE_RESERVE, limit // 4)
 
-    def _chat_prompt(self, request: ChatRequest, sp: Llama2Tokenizer) -> Tuple[List[int], int]:
+    def _prepare_chat(self, request: ChatRequest, sp: Llama2Tokenizer) -> PreparedPrompt:
         limit, reserve = self._limits(request.spec)
         prompt_ids, dropped = fit_dialog(request.dialog, sp.sp_model.encode, sp.bos_token_id, sp.eos_token_id,
                                          budget=limit - reserve)
         if dropped:
             logger.warning("history: dropped the %d oldest round(s) so the prompt (%d tokens) and the "
                            "response fit in %d tokens", dropped, len(prompt_ids), limit)
-        return prompt_ids, _max_new(request.spec, limit, len(prompt_ids))
 
-    def _completion_prompt(self, request: CompletionRequest, sp: Llama2Tokenizer) -> Tuple[List[int], int]:
+        def output(text: str, finish_reason: Optional[str]) -> Output:
+            text = text.strip()
+            return {
+                OutputKeys.RESPONSE: text,
+                OutputKeys.HISTORY: [*request.history, (request.dialog[-1]["content"], text)],
+                "finish_reason": finish_reason,
+            }
+
+        return PreparedPrompt(prompt_ids, _max_new(request.spec, limit, len(prompt_ids)), request.spec, sp,
+                              sp.decode, output)
+
+    def _prepare_completion(self, request: CompletionRequest, sp: Llama2Tokenizer) -> PreparedPrompt:
         limit, reserve = self._limits(request.spec)
-        prompt_ids = sp.encode(request.text, bos=True)
-        if len(prompt_ids) > limit - reserve:
-            raise ValueError(f"text: the prompt takes {len(prompt_ids)} tokens, more than the {limit - reserve} "
+        body = sp.encode(request.text)
+        if len(body) + 1 > limit - reserve:
+            raise ValueError(f"text: the prompt takes {len(body) + 1} tokens, more than the {limit - reserve} "
                              "tokens it may use (max_length minus the tokens reserved for the continuation)")
-        return prompt_ids, _max_new(request.spec, limit, len(prompt_ids))
+        prefix = sp.decode(body)
+
+        def decode(ids: List[int]) -> str:
+            # Decoded after the prompt, so the continuation keeps its leading space.
+            return sp.decode(body + list(ids))[len(prefix):]
+
+        def output(text: str, finish_reason: Optional[str]) -> Output:
+            return {OutputKeys.TEXT: request.text + text if request.echo else text, "finish_reason": finish_reason}
+
+        return PreparedPrompt([sp.bos_token_id, *body], _max_new(request.spec, limit, len(body) + 1),
+                              request.spec, sp, decode, output)
 
     def _input_device(self) -> torch.device:
         # With a device_map the embedding may sit anywhere; inputs go where it is.
         device = self.get_input_embeddings().weight.device
         return self.device if device.type == "meta" else device
 
-    def _generate_one(self, prompt_ids: List[int], spec: GenerationSpec, max_new: int, sp: Llama2Tokenizer,
-                      streamer: Any = None, cancel: Any = None) -> Generated:
+    def _generate_one(self, prepared: PreparedPrompt, streamer: Any = None, cancel: Any = None) -> Generated:
+        prompt_ids, sp = prepared.token_ids, prepared.tokenizer
         checked_out = self.prompt_cache.checkout(prompt_ids)
         input_ids = torch.tensor([prompt_ids], device=self._input_device())
-        new_ids, cache = run_generate(self, input_ids, spec, max_new, sp.decode, pad_token_id=sp.pad_token_id,
-                                      cache=checked_out[0] if checked_out else None,
+        new_ids, cache = run_generate(self, input_ids, prepared.spec, prepared.max_new_tokens, prepared.decode,
+                                      pad_token_id=sp.pad_token_id, cache=checked_out[0] if checked_out else None,
                                       streamer=streamer, cancel=cancel)
         new_ids = new_ids[0].tolist()
         self.prompt_cache.checkin(prompt_ids + new_ids, cache, len(prompt_ids))
-        return finish(new_ids, sp.eos_token_id, max_new)
+        return finish(new_ids, sp.eos_token_id, prepared.max_new_tokens)
 
-    def _generate_batch(self, prompts: List[Tuple[List[int], int]], spec: GenerationSpec,
-                        sp: Llama2Tokenizer) -> List[Generated]:
-        width = max(len(ids) for ids, _ in prompts)
-        pad = sp.pad_token_id
-        rows = [[pad] * (width - len(ids)) + ids for ids, _ in prompts]
-        masks = [[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in prompts]
+    def _generate_batch(self, prepared: List[PreparedPrompt]) -> List[Generated]:
+        spec, sp = prepared[0].spec, prepared[0].tokenizer
+        check_same_settings([p.spec for p in prepared])
+        width = max(len(p.token_ids) for p in prepared)
+        rows = [[sp.pad_token_id] * (width - len(p.token_ids)) + p.token_ids for p in prepared]
+        masks = [[0] * (width - len(p.token_ids)) + [1] * len(p.token_ids) for p in prepared]
         device = self._input_device()
-        new_ids, _ = run_generate(self, torch.tensor(rows, device=device), spec, max(m for _, m in prompts),
-                                  sp.decode, pad_token_id=pad, attention_mask=torch.tensor(masks, device=device))
-        return [finish(row, sp.eos_token_id, max_new) for row, (_, max_new) in zip(new_ids.tolist(), prompts)]
-
-    def _stream(self, prompt_ids: List[int], spec: GenerationSpec, max_new: int, sp: Llama2Tokenizer,
-                decode: Callable[[List[int]], str],
-                output: Callable[[str, Optional[str]], Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
-        def run(streamer: Any, cancel: Any) -> Generated:
-            return self._generate_one(prompt_ids, spec, max_new, sp, streamer=streamer, cancel=cancel)
-
-        ids: List[int] = []
-        last = output("", None)  # nothing worth showing until some text arrives
-        for kind, value in iterate_in_thread(run):
-            if kind == "done":
-                yield output(*_final_text(value, decode, spec.stop))
-            elif value != sp.eos_token_id:
-                ids.append(value)
-                item = output(visible_text(decode, ids, spec.stop, final=False)[0], None)
-                if item != last:
-                    last = item
-                    yield item
+        # Stop strings are checked on each row's own text by the same decoder.
+        new_ids, _ = run_generate(self, torch.tensor(rows, device=device), spec,
+                                  max(p.max_new_tokens for p in prepared), sp.decode, pad_token_id=sp.pad_token_id,
+                                  attention_mask=torch.tensor(masks, device=device))
+        return [finish(row, sp.eos_token_id, p.max_new_tokens) for row, p in zip(new_ids.tolist(), prepared)]
 
 
 def _max_new(spec: GenerationSpec, limit: int, prompt_len: int) -> int:
     return min(spec.max_new_tokens or limit, limit - prompt_len)
-
-
-def _final_text(generated: Generated, decode: Callable, stops: Sequence[str]) -> Tuple[str, str]:
-    text, stopped = visible_text(decode, generated.token_ids, stops, final=True)
-    return text, "stop" if stopped else generated.finish_reason
-
-
-def _chat_output(request: ChatRequest, text: str, finish_reason: Optional[str]) -> Dict[str, Any]:
-    text = text.strip()
-    return {
-        OutputKeys.RESPONSE: text,
-        OutputKeys.HISTORY: [*request.history, (request.dialog[-1]["content"], text)],
-        "finish_reason": finish_reason,
-    }
-
-
-def _completion_output(request: CompletionRequest, text: str, finish_reason: Optional[str]) -> Dict[str, Any]:
-    return {OutputKeys.TEXT: request.text + text if request.echo else text, "finish_reason": finish_reason}
-
-
-def _continuation_decoder(request: CompletionRequest, sp: Llama2Tokenizer) -> Callable[[List[int]], str]:
-    """Decode new ids in the context of the prompt, so a leading space is kept."""
-    prompt_body = sp.encode(request.text)
-    prefix = sp.decode(prompt_body)
-    return lambda ids: sp.decode(prompt_body + list(ids))[len(prefix):]
