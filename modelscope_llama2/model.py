@@ -32,7 +32,7 @@ from .chat_inputs import (
     parse_completion_inputs,
 )
 from .generation import Generated, finish, iterate_in_thread, run_generate, visible_text
-from .prompt_cache import PromptCache
+from .prompt_cache import DEFAULT_MAX_BYTES, PromptCache
 from .tokenizer import Llama2Tokenizer, sentencepiece_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -93,8 +93,8 @@ class Llama2ForChat(LlamaForCausalLM, TorchModel):
         model.model_dir = model_dir
         return model.eval()
 
-    def set_prompt_cache(self, max_entries: int = 4, max_bytes: Optional[int] = None) -> PromptCache:
-        """Replace the KV-cache pool; ``max_entries=0`` turns reuse off.
+    def set_prompt_cache(self, max_entries: int = 4, max_bytes: Optional[int] = DEFAULT_MAX_BYTES) -> PromptCache:
+        """Replace the KV-cache pool; ``max_entries=0`` turns reuse off, ``max_bytes=None`` lifts the byte bound.
 
         Example:
             >>> model.set_prompt_cache(max_entries=8, max_bytes=2 << 30)  # doctest: +SKIP

@@ -24,6 +24,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple
 
+# Room for one full 4096-token conversation of any Llama 2 size in fp16
+# (13B: 0.78 MiB a token); None means no byte bound.
+DEFAULT_MAX_BYTES = 4 << 30
+
 
 @dataclass
 class CacheStats:
@@ -41,7 +45,7 @@ class PromptCache:
         True
     """
 
-    def __init__(self, max_entries: int = 4, max_bytes: Optional[int] = None):
+    def __init__(self, max_entries: int = 4, max_bytes: Optional[int] = DEFAULT_MAX_BYTES):
         if not isinstance(max_entries, int) or isinstance(max_entries, bool) or max_entries < 0:
             raise ValueError(f"max_entries: expected a non-negative int, got {max_entries!r}")
         if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):

@@ -237,12 +237,13 @@ def _write_atomic(path: str, write: Any) -> None:
         raise
 
 
-def train_sentencepiece(sentences: Iterable[str], path: str, vocab_size: int) -> None:
+def train_sentencepiece(sentences: Iterable[str], path: str, vocab_size: int, num_threads: int = 1) -> None:
     """Train a BPE ``tokenizer.model`` with Llama 2's sentencepiece settings and write it to ``path``.
 
     Byte fallback (any text reaches the model), split digits, identity
     normalization, a dummy prefix, whitespace kept as is, unk=0 bos=1 eos=2
     and no pad piece. For demo and benchmark checkpoints built from scratch.
+    One thread (the default) makes training reproducible byte for byte.
 
     Example:
         >>> train_sentencepiece(["Hello world!"] * 100, "tokenizer.model", vocab_size=300)  # doctest: +SKIP
@@ -266,7 +267,7 @@ def train_sentencepiece(sentences: Iterable[str], path: str, vocab_size: int) ->
         bos_id=1,
         eos_id=2,
         pad_id=-1,
-        num_threads=1,
+        num_threads=num_threads,
         minloglevel=2,
     )
     _write_atomic(path, lambda f: f.write(model.getvalue()))

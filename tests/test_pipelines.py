@@ -237,6 +237,7 @@ def test_example_script_runs_the_documented_calls():
                           env={**os.environ, "PYTHONPATH": REPO_ROOT})
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
+        "Hangzhou.", SIGHTS,  # the model card's model.chat() calls, with its system prompt
         HANGZHOU, SIGHTS, "Hangzhou.", "{'role': 'assistant', 'content': '浙江的省会是杭州。'}", "👋🦙😀",
         "I am the modelscope_llama2 demo: a tiny Llama 2-architecture checkpoint, not a language model. For real "
         "answers run: python -m modelscope_llama2 chat --model modelscope/Llama-2-13b-chat-ms",

@@ -33,6 +33,8 @@ CORPUS = [
 
 
 def train_sentencepiece(path: str, vocab_size: int = 400) -> None:
+    # Settings spelled out here rather than modelscope_llama2.tokenizer.train_sentencepiece,
+    # so the fixture does not depend on the code under test.
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(CORPUS * 20),
