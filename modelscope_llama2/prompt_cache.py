@@ -139,12 +139,3 @@ def _crop(cache: Any, length: int) -> None:
 
 def _nbytes(cache: Any) -> int:
     return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
-
-
-def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
-    """Theoretical KV bytes per token: 2 x layers x kv_heads x head_dim x dtype bytes."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
-

@@ -55,8 +55,6 @@ class Llama2Tokenizer:
         tensor([[    1, 15043]])
     """
 
-    padding_side = "left"
-
     def __init__(self, vocab_file: str):
         self.vocab_file = os.fspath(vocab_file)
         self.sp_model = spm.SentencePieceProcessor(model_file=self.vocab_file)
