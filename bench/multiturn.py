@@ -67,7 +67,7 @@ def prompt_sizes(package_tokenizer, builtin_tokenizer, text: str, history: Histo
     """Prompt tokens each side feeds the model for this turn (their formats differ slightly)."""
     from modelscope.models.nlp.llama.text_generation import get_chat_prompt
 
-    from modelscope_llama2.chat_format import dialog_from_history, encode_dialog
+    from modelscope_llama2.prompts.chat_format import dialog_from_history, encode_dialog
 
     sp = package_tokenizer.sp_model
     ours = encode_dialog(dialog_from_history(text, history, SYSTEM), sp.encode, sp.bos_id(), sp.eos_id())

@@ -11,12 +11,12 @@ Example:
     >>> model.chat({"text": "Where is the capital of Zhejiang?"}, tokenizer)["response"]  # doctest: +SKIP
 """
 
-from .chat_format import Dialog, Message, encode_dialog
-from .checkpoint import save_checkpoint
-from .convert import convert_meta_checkpoint
-from .hub import fetch_checkpoint, push_checkpoint
+from .prompts.chat_format import Dialog, Message, encode_dialog
+from .checkpoints.save import save_checkpoint
+from .checkpoints.convert_meta import convert_meta_checkpoint
+from .checkpoints.hub import fetch_checkpoint, push_checkpoint
 from .model import Llama2ForChat
-from .prompt_cache import PromptCache
+from .engines.prefix_cache import PromptCache
 from .registration import register as _register
 from .tokenizer import Llama2Tokenizer
 

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 
 def _add_chat(subparsers) -> None:
-    from .chat_cli import COMMANDS, DTYPES
+    from .apps.terminal import COMMANDS, DTYPES
 
     parser = subparsers.add_parser(
         "chat", help="chat in the terminal (reads stdin line by line when not a tty)",
@@ -28,7 +28,7 @@ def _add_chat(subparsers) -> None:
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    from .chat_cli import run
+    from .apps.terminal import run
 
     return run(args.model, args.revision, args.system, args.device, args.dtype, args.max_new_tokens)
 
@@ -50,7 +50,7 @@ def _add_push(subparsers) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    from .hub import push_checkpoint
+    from .checkpoints.hub import push_checkpoint
 
     commit = push_checkpoint(args.dir, args.repo_id, args.tag, token=args.token, commit_message=args.message,
                              branch=args.branch, progress=args.progress)
@@ -72,14 +72,14 @@ def _add_download(subparsers) -> None:
 
 
 def _run_download(args: argparse.Namespace) -> int:
-    from .hub import fetch_checkpoint
+    from .checkpoints.hub import fetch_checkpoint
 
     print(fetch_checkpoint(args.repo_id, args.revision, cache_dir=args.dir, token=args.token))
     return 0
 
 
 def _add_convert(subparsers) -> None:
-    from .convert import DTYPES
+    from .checkpoints.convert_meta import DTYPES
 
     parser = subparsers.add_parser(
         "convert", help="convert Meta's original release layout to a ModelScope checkpoint",
@@ -95,7 +95,7 @@ def _add_convert(subparsers) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_meta_checkpoint
+    from .checkpoints.convert_meta import convert_meta_checkpoint
 
     print(convert_meta_checkpoint(args.meta_dir, args.out_dir, tokenizer_path=args.tokenizer, dtype=args.dtype,
                                   max_shard_size=args.max_shard_size))

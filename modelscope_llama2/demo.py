@@ -90,14 +90,14 @@ SEED = 0
 
 
 def _dialog(example: Example):
-    from modelscope_llama2.chat_format import dialog_from_history
+    from modelscope_llama2.prompts.chat_format import dialog_from_history
 
     return dialog_from_history(example.text, example.history, example.system)
 
 
 def train_tokenizer(path: str) -> None:
     """Train the demo's sentencepiece model with Llama's settings on the rendered examples."""
-    from modelscope_llama2.chat_format import B_INST, B_SYS, E_INST, E_SYS
+    from modelscope_llama2.prompts.chat_format import B_INST, B_SYS, E_INST, E_SYS
     from modelscope_llama2.tokenizer import train_sentencepiece
 
     sentences = [f"{B_INST} {B_SYS}{e.system or ''}{E_SYS}{e.text} {E_INST} {e.answer}" for e in EXAMPLES
@@ -119,7 +119,7 @@ def training_rows(tokenizer, examples: Sequence[Example]) -> List[Tuple[List[int
 
     Only the answer is learnt (prompt labels are -100), as in chat fine-tuning.
     """
-    from modelscope_llama2.chat_format import encode_dialog, encode_dialog_segments
+    from modelscope_llama2.prompts.chat_format import encode_dialog, encode_dialog_segments
 
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     rows = []

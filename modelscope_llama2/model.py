@@ -20,9 +20,9 @@ from modelscope.models.base import TorchModel
 from modelscope.outputs import OutputKeys
 from transformers import LlamaForCausalLM
 
-from .chat_format import fit_dialog
-from .checkpoint import save_checkpoint
-from .chat_inputs import (
+from .prompts.chat_format import fit_dialog
+from .checkpoints.save import save_checkpoint
+from .prompts.requests import (
     ChatRequest,
     CompletionRequest,
     GenerationSpec,
@@ -31,8 +31,8 @@ from .chat_inputs import (
     parse_chat_inputs,
     parse_completion_inputs,
 )
-from .generation import Generated, finish, iterate_in_thread, run_generate, visible_text
-from .prompt_cache import DEFAULT_MAX_BYTES, PromptCache
+from .engines.transformers_engine import Generated, finish, iterate_in_thread, run_generate, visible_text
+from .engines.prefix_cache import DEFAULT_MAX_BYTES, PromptCache
 from .tokenizer import Llama2Tokenizer, sentencepiece_tokenizer
 
 logger = logging.getLogger(__name__)

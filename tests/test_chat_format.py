@@ -6,7 +6,7 @@ from modelscope.models.nlp.llama2 import Llama2Tokenizer as ModelScopeLlama2Toke
 from transformers import AutoTokenizer, LlamaTokenizerFast
 
 from modelscope_llama2 import Llama2Tokenizer
-from modelscope_llama2.chat_format import dialog_from_history, encode_dialog, fit_dialog
+from modelscope_llama2.prompts.chat_format import dialog_from_history, encode_dialog, fit_dialog
 
 
 def meta_chat_tokens(sp: spm.SentencePieceProcessor, dialog: list) -> list:

@@ -9,9 +9,9 @@ import torch
 from modelscope_hub.config import set_default_config
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from modelscope_llama2.checkpoint import save_checkpoint
+from modelscope_llama2.checkpoints.save import save_checkpoint
 from modelscope_llama2.cli import main
-from modelscope_llama2.hub import (
+from modelscope_llama2.checkpoints.hub import (
     CheckpointIntegrityError,
     RevisionNotFoundError,
     TagExistsError,

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, TextIO, Tuple
 
-from .demo import DEMO_DIR
+from ..demo import DEMO_DIR
 
 COMMANDS = {
     "/clear": "forget the conversation so far",
@@ -55,7 +55,7 @@ def resolve_model_dir(model: Optional[str], revision: Optional[str]) -> str:
 def _download(model_id: str, revision: Optional[str]) -> str:
     from modelscope.utils.constant import DEFAULT_MODEL_REVISION
 
-    from .hub import fetch_checkpoint
+    from ..checkpoints.hub import fetch_checkpoint
 
     # The hub client logs each retry; the failure is reported once, below.
     logging.getLogger("modelscope_hub").setLevel(logging.ERROR)
@@ -79,7 +79,7 @@ def load_pipeline(model_dir: str, device: Optional[str], dtype: str):
     """The chat pipeline on ``device`` (``auto``: accelerate's device_map) in ``dtype``."""
     import torch
 
-    from .pipelines import Llama2ChatPipeline
+    from ..pipelines import Llama2ChatPipeline
 
     check_checkpoint_dir(model_dir)
     placement = {"device_map": "auto"} if device == "auto" else {"device": device or "gpu"}

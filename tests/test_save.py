@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, LlamaTokenizer
 
-from modelscope_llama2 import checkpoint
-from modelscope_llama2.checkpoint import DEFAULT_CONFIGURATION, save_checkpoint
-from modelscope_llama2.hub import local_manifest
+from modelscope_llama2.checkpoints import save as checkpoint
+from modelscope_llama2.checkpoints.save import DEFAULT_CONFIGURATION, save_checkpoint
+from modelscope_llama2.checkpoints.hub import local_manifest
 from modelscope_llama2.tokenizer import Llama2Tokenizer
 from tests.tiny_checkpoint import repo_configuration, tiny_config
 

@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from modelscope_llama2 import PromptCache
-from modelscope_llama2.chat_format import dialog_from_history, encode_dialog
+from modelscope_llama2.prompts.chat_format import dialog_from_history, encode_dialog
 from tests.test_chat import ForwardLog
 
 SYSTEM = "you are a helpful assistant!"

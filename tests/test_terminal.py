@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from modelscope_llama2.chat_cli import DEMO_NOTICE
+from modelscope_llama2.apps.terminal import DEMO_NOTICE
 from modelscope_llama2.cli import main
 from modelscope_llama2.demo import DEMO_DIR
 from tests.hub_server import HubServer, HubState

@@ -16,7 +16,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .chat_inputs import GenerationSpec
+from ..prompts.requests import GenerationSpec
 
 Decode = Callable[[List[int]], str]
 

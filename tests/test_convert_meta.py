@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from modelscope_llama2.cli import main
-from modelscope_llama2.convert import convert_meta_checkpoint, intermediate_size
+from modelscope_llama2.checkpoints.convert_meta import convert_meta_checkpoint, intermediate_size
 from modelscope_llama2.tokenizer import Llama2Tokenizer
 
 TOKENS = torch.tensor([[1, 15, 200, 3, 77, 310, 42, 9, 128, 64, 2, 5]])

@@ -12,7 +12,7 @@ renamed into place at the end, so an interrupted save never leaves a directory
 at the target that looks like a complete checkpoint.
 
 Example:
-    >>> from modelscope_llama2.checkpoint import save_checkpoint
+    >>> from modelscope_llama2.checkpoints.save import save_checkpoint
     >>> save_checkpoint(model, "out/Llama-2-7b-chat-ms", tokenizer=tokenizer)  # doctest: +SKIP
     'out/Llama-2-7b-chat-ms'
 """

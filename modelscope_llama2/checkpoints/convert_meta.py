@@ -19,7 +19,7 @@ Shards are memory-mapped and copied one at a time into the output tensors,
 so memory stays near one copy of the converted weights.
 
 Example:
-    >>> from modelscope_llama2.convert import convert_meta_checkpoint
+    >>> from modelscope_llama2.checkpoints.convert_meta import convert_meta_checkpoint
     >>> convert_meta_checkpoint("llama-2-13b-chat", "Llama-2-13b-chat-ms", dtype="float16")  # doctest: +SKIP
     'Llama-2-13b-chat-ms'
 """
@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from modelscope_llama2.checkpoint import save_checkpoint
+from modelscope_llama2.checkpoints.save import save_checkpoint
 from modelscope_llama2.tokenizer import VOCAB_FILE, Llama2Tokenizer
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -72,7 +72,7 @@ def convert_meta_checkpoint(
 
     ``dtype`` is one of :data:`DTYPES` (Meta ships bfloat16; ModelScope's
     Llama 2 repos are float16). The save is atomic (see
-    :func:`~modelscope_llama2.checkpoint.save_checkpoint`).
+    :func:`~modelscope_llama2.checkpoints.save.save_checkpoint`).
 
     Example:
         >>> convert_meta_checkpoint("llama-2-70b-chat", "out", tokenizer_path="tokenizer.model")  # doctest: +SKIP

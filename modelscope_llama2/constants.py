@@ -1,0 +1,29 @@
+"""One home for the facts the whole package shares: context length, special ids, names.
+
+Example:
+    >>> from modelscope_llama2.constants import CONTEXT_LENGTH, BOS_ID, EOS_ID
+    >>> CONTEXT_LENGTH, BOS_ID, EOS_ID
+    (4096, 1, 2)
+"""
+
+import os
+
+# Llama 2's context window (Meta's max_seq_len), for every size.
+CONTEXT_LENGTH = 4096
+
+# Meta's tokenizer.model: <unk> 0, <s> 1, </s> 2 and no pad piece (-1).
+# <unk> pads batches: an id the attention mask hides that never reads as EOS.
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+PAD_ID = UNK_ID
+
+# Pipeline names this package registers (and writes into configuration.json).
+CHAT_PIPELINE = "modelscope-llama2-chat"
+TEXT_GENERATION_PIPELINE = "modelscope-llama2-text-generation"
+
+# ModelScope's keyword choosing the inference engine, and its values here.
+LLM_FRAMEWORK_KEY = "llm_framework"
+DEFAULT_ENGINE = "transformers"
+ENGINES = ("transformers", "vllm")
+
+# The offline demo checkpoint shipped inside the package.
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_checkpoint")

@@ -1,0 +1,87 @@
+"""The engine interface: what every backend implements and everything above it calls.
+
+Chat, streaming, batches, pipelines, the terminal, the server and the web app
+talk to an engine only through :class:`Engine`: a list of
+:class:`~modelscope_llama2.prompts.prompt.Prompt` in, a stream of
+:class:`TokenEvent` out, and :meth:`Engine.abort` to cancel one request.
+Prompts are always the package's Meta-exact token ids; an engine never
+tokenizes a prompt itself.
+
+Contract:
+
+* ``generate(prompts)`` yields events for exactly those requests, in the
+  order tokens are produced. Each event carries the request's *new* ids
+  since its previous event (EOS never included). A request's last event has
+  ``finish_reason`` (``eos``, ``length``, ``stop`` or ``abort``) and ``usage``.
+* Closing the iterator early aborts the requests it has not finished.
+* ``abort(request_id)`` may be called from any thread; that request ends with
+  ``finish_reason='abort'``; other requests are not affected.
+* Engines are safe to call from several threads at once.
+"""
+
+import abc
+from dataclasses import dataclass
+from typing import AbstractSet, Iterator, Optional, Sequence, Tuple
+
+from ..prompts.prompt import Prompt, SamplingParams
+
+FINISH_REASONS = ("eos", "length", "stop", "abort")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one request; ``cached_tokens`` were served from a prefix cache."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New token ids of one request; the last event of a request has ``finish_reason`` and ``usage``."""
+
+    request_id: str
+    token_ids: Tuple[int, ...] = ()
+    finish_reason: Optional[str] = None
+    usage: Optional[Usage] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine(abc.ABC):
+    """A backend that turns prompt token ids into generated token ids.
+
+    Subclasses set :attr:`name`, :attr:`context_length` and
+    :attr:`sampling_options` (the transformers-style option names they honour).
+    """
+
+    name: str = "engine"
+    context_length: int
+    sampling_options: AbstractSet[str] = frozenset()
+
+    def check_sampling(self, sampling: SamplingParams, where: str = "inputs") -> None:
+        """Raise ``ValueError`` naming the first option this engine cannot honour (before any model work)."""
+        for key in sampling.options:
+            if key not in self.sampling_options:
+                raise ValueError(
+                    f"{where}[{key!r}]: not supported by the {self.name} engine; it supports "
+                    f"{sorted(self.sampling_options)}"
+                )
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[Prompt]) -> Iterator[TokenEvent]:
+        """Generate for ``prompts`` (one or several), yielding their token events."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Stop generating for ``request_id`` (unknown or finished ids are ignored)."""
+
+    def close(self) -> None:
+        """Release what the engine holds (processes, threads, caches)."""

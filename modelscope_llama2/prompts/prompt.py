@@ -1,0 +1,64 @@
+"""The plain data that leaves the prompts layer: what to generate from, and how.
+
+A :class:`Prompt` is everything an engine needs (token ids, sampling
+settings, a request id) plus what the facade needs to shape the answer
+(the user message, the history, the rounds dropped to fit). No closures, no
+tensors: it can cross a thread, a process or a Ray hop unchanged.
+
+Example:
+    >>> p = Prompt(token_ids=(1, 518, 25580), sampling=SamplingParams(max_new_tokens=8))
+    >>> p.sampling.max_new_tokens, len(p.request_id) > 0
+    (8, True)
+"""
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional, Tuple
+
+Kind = Literal["chat", "completion"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to generate: the new-token limit, stop strings, seed, and sampling options.
+
+    ``options`` uses transformers' generation names (``do_sample``,
+    ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``,
+    ``min_new_tokens``, ...); each engine maps them to its own or refuses
+    the ones it lacks (:meth:`~modelscope_llama2.engines.base.Engine.check_sampling`).
+    """
+
+    max_new_tokens: int
+    stop: Tuple[str, ...] = ()
+    seed: Optional[int] = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def greedy(self) -> bool:
+        return not self.options.get("do_sample", False)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A validated request as token ids: what an engine generates from.
+
+    ``decode_prefix``: ids decoded before the new ones, so a completion's
+    first word keeps its leading space. ``message``: the user message a
+    chat answers, or a completion's text. ``history``: the caller's
+    (user, assistant) rounds, returned extended. ``dropped_rounds``: the
+    oldest rounds left out so the prompt fits the context.
+    """
+
+    token_ids: Tuple[int, ...]
+    sampling: SamplingParams
+    request_id: str = field(default_factory=new_request_id)
+    kind: Kind = "chat"
+    message: str = ""
+    history: Tuple[Tuple[str, str], ...] = ()
+    dropped_rounds: int = 0
+    decode_prefix: Tuple[int, ...] = ()
+    echo: bool = False
