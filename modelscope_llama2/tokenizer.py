@@ -28,16 +28,17 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 # transformers' chat template for the same format, written into
 # tokenizer_config.json so transformers and vLLM users of a saved checkpoint
-# render Meta's prompt. An empty system prompt means no <<SYS>> block.
+# render Meta's prompt. As in Meta's chat_completion, a system message folds a
+# <<SYS>> block into the first user message even when its content is empty.
 CHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}"
     "{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
-    "{% else %}{% set loop_messages = messages %}{% set system_message = '' %}{% endif %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = none %}{% endif %}"
     "{% for message in loop_messages %}"
     "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
     "{% endif %}"
-    "{% if loop.index0 == 0 and system_message %}"
+    "{% if loop.index0 == 0 and system_message is not none %}"
     "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
     "{% else %}{% set content = message['content'] %}{% endif %}"
     "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
@@ -97,7 +98,10 @@ class Llama2Tokenizer:
             "pad_token": None,
             "add_bos_token": True,
             "add_eos_token": False,
-            "legacy": False,
+            # Meta encodes every round on its own, so the text after <s> starts
+            # with sentencepiece's dummy prefix ("▁[INST]"); transformers keeps
+            # that only in legacy mode (non-legacy gives "[" right after <s>).
+            "legacy": True,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 4096,
             "chat_template": CHAT_TEMPLATE,
