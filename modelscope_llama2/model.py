@@ -276,12 +276,12 @@ class Llama2ForChat(ChatMethods, LlamaForCausalLM, TorchModel):
         framework = kwargs.pop(LLM_FRAMEWORK_KEY, None) or DEFAULT_ENGINE
         if framework not in ENGINES:
             raise ValueError(f"{LLM_FRAMEWORK_KEY}: expected one of {list(ENGINES)}, got {framework!r}")
+        if "torch_dtype" in kwargs:  # transformers 5 and vLLM call it dtype
+            kwargs["dtype"] = kwargs.pop("torch_dtype")
         if framework == "vllm":
             from .engines.vllm_engine import VllmEngine
 
             return EngineChatModel(model_dir, VllmEngine(model_dir, **kwargs))
-        if "torch_dtype" in kwargs:  # transformers 5 calls it dtype
-            kwargs["dtype"] = kwargs.pop("torch_dtype")
         model = cls.from_pretrained(model_dir, **kwargs)
         if device is not None and kwargs.get("device_map") is None:
             model.to(device)

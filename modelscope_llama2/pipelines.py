@@ -39,12 +39,16 @@ from modelscope.outputs import OutputKeys
 from modelscope.pipelines.base import Pipeline
 from modelscope.utils.device import create_device
 
+from .constants import DEFAULT_ENGINE, LLM_FRAMEWORK_KEY
 from .tokenizer import Llama2Tokenizer
 
 Input = Union[str, Dict[str, Any]]
 # ModelScope's documented Llama 2 calls pass these; the tokenizer fixes them,
 # so they are accepted when they agree with it.
 _TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# Keywords ModelScope's Pipeline base class reads itself (the rest of a
+# pipeline's keywords are engine settings when an llm_framework is named).
+_PIPELINE_KEYS = ("trust_remote_code", "compile", "compile_options")
 
 
 class _Llama2Pipeline(Pipeline):
@@ -187,10 +191,22 @@ class Llama2TextGenerationPipeline(_Llama2Pipeline):
 
 
 def _load_model(model: str, device: str, device_map: Any, torch_dtype: Any, kwargs: Dict[str, Any]) -> Model:
-    """``Model.from_pretrained`` on a real torch device (``gpu`` without CUDA means CPU)."""
+    """``Model.from_pretrained`` on a real torch device (``gpu`` without CUDA means CPU), or on vLLM.
+
+    With ``llm_framework='vllm'`` the engine places the model itself; the
+    pipeline's other keywords (``tensor_parallel_size``, ``max_model_len``,
+    ``gpu_memory_utilization``, ``dtype``...) go to the engine and are
+    taken out of ``kwargs``.
+    """
     load_kwargs = {key: kwargs[key] for key in ("trust_remote_code",) if key in kwargs}
     if torch_dtype is not None:
         load_kwargs["torch_dtype"] = torch_dtype
+    framework = kwargs.pop(LLM_FRAMEWORK_KEY, None)
+    if framework not in (None, DEFAULT_ENGINE):
+        engine_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key not in _PIPELINE_KEYS}
+        if device_map is not None:
+            engine_kwargs["device_map"] = device_map  # refused by name by engines that place the model themselves
+        return Model.from_pretrained(model, **{LLM_FRAMEWORK_KEY: framework}, **load_kwargs, **engine_kwargs)
     if device_map is not None:
         return Model.from_pretrained(model, device_map=device_map, **load_kwargs)
     return Model.from_pretrained(model, device=str(create_device(device)), **load_kwargs)

@@ -15,6 +15,11 @@ re-run ModelScope's own llama2 registrations. So, for every signature below:
 
 After that, whatever the import order, ``Model.from_pretrained`` and
 ``pipeline()`` on a Llama 2 checkpoint build this package's classes.
+
+``pipeline()`` also drops ``llm_framework`` from its keywords for every
+pipeline but ModelScope's own ``'llm'`` one (``clear_llm_info``), so this
+package's pipelines would silently run on transformers when asked for vLLM;
+:func:`keep_llm_framework` keeps it for this package's pipeline names only.
 """
 
 import importlib
@@ -22,10 +27,12 @@ import logging
 
 from modelscope.metainfo import Pipelines
 from modelscope.models.builder import MODELS
+from modelscope.pipelines import builder as pipeline_builder
 from modelscope.pipelines.builder import PIPELINES
 from modelscope.utils.constant import Tasks
 from modelscope.utils.import_utils import INDEX_KEY, LazyImportModule
 
+from .constants import LLM_FRAMEWORK_KEY
 from .model import Llama2ForChat
 from .pipelines import Llama2ChatPipeline, Llama2TextGenerationPipeline
 
@@ -65,6 +72,28 @@ def register() -> None:
     for task, pipeline_cls in PIPELINE_CLASSES.items():
         for name in PIPELINE_TYPES:
             _register(PIPELINES, task, name, pipeline_cls)
+    keep_llm_framework()
+
+
+def keep_llm_framework() -> None:
+    """Let ``pipeline(..., llm_framework='vllm')`` reach this package's pipelines (idempotent).
+
+    Wraps ``modelscope.pipelines.builder.clear_llm_info``, which ``pipeline()``
+    looks up at each call: for this package's pipeline names it clears what
+    it always did but puts ``llm_framework`` back; other pipelines are untouched.
+    """
+    clear = pipeline_builder.clear_llm_info
+    if getattr(clear, "keeps_llm_framework_for", None) == PIPELINE_TYPES:
+        return
+
+    def clear_llm_info(kwargs, pipeline_name):
+        framework = kwargs.get(LLM_FRAMEWORK_KEY)
+        clear(kwargs, pipeline_name)
+        if pipeline_name in PIPELINE_TYPES and framework is not None:
+            kwargs[LLM_FRAMEWORK_KEY] = framework
+
+    clear_llm_info.keeps_llm_framework_for = PIPELINE_TYPES
+    pipeline_builder.clear_llm_info = clear_llm_info
 
 
 def _register(registry, task: str, name: str, cls: type) -> None:

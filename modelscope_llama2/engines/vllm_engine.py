@@ -31,6 +31,7 @@ since vLLM spawns its engine processes):
 """
 
 import asyncio
+import dataclasses
 import os
 import queue
 import threading
@@ -62,6 +63,8 @@ CPU_KV_CACHE_BYTES = 1 << 30
 
 # AsyncEngineArgs this engine sets and a caller may not.
 _OWNED_ENGINE_ARGS = frozenset({"model", "skip_tokenizer_init", "tokenizer", "tokenizer_mode"})
+
+_PLACEMENT_HINT = "vLLM places the model itself: use tensor_parallel_size / pipeline_parallel_size"
 
 # How long closing a generate() iterator waits for vLLM to confirm its aborts.
 _ABORT_WAIT_S = 60.0
@@ -103,7 +106,7 @@ class VllmEngine(Engine):
         if not isinstance(model_dir, (str, os.PathLike)) or not os.path.isdir(model_dir):
             raise ValueError(f"model_dir: expected a checkpoint directory, got {model_dir!r}")
         self.model_dir = os.fspath(model_dir)
-        args = _engine_args(self.model_dir, tensor_parallel_size=tensor_parallel_size,
+        args = _engine_args(self.model_dir, AsyncEngineArgs, tensor_parallel_size=tensor_parallel_size,
                             pipeline_parallel_size=pipeline_parallel_size,
                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                             dtype=dtype, enable_prefix_caching=enable_prefix_caching, **engine_args)
@@ -356,8 +359,8 @@ def vllm_sampling_params(sampling: SamplingParams, defaults: Mapping[str, Any], 
         raise ValueError(f"inputs[{name!r}]: the vllm engine cannot take it: {error.args[0]}") from None
 
 
-def _engine_args(model_dir: str, *, gpu_memory_utilization: Optional[float], max_model_len: Optional[int],
-                 **args: Any) -> Dict[str, Any]:
+def _engine_args(model_dir: str, engine_args_cls: type, *, gpu_memory_utilization: Optional[float],
+                 max_model_len: Optional[int], **args: Any) -> Dict[str, Any]:
     """Keywords of vLLM's ``AsyncEngineArgs``: the caller's, plus what this engine relies on."""
     from vllm.platforms import current_platform
 
@@ -365,6 +368,10 @@ def _engine_args(model_dir: str, *, gpu_memory_utilization: Optional[float], max
     if owned:
         raise ValueError(f"{owned[0]}: set by the vLLM engine itself (prompts arrive as token ids, "
                          "so vLLM never loads a tokenizer); leave it out")
+    unknown = sorted(set(args) - {f.name for f in dataclasses.fields(engine_args_cls)})
+    if unknown:
+        hint = _PLACEMENT_HINT if unknown[0] in ("device_map", "device") else "see vLLM's AsyncEngineArgs"
+        raise TypeError(f"{unknown[0]}: not a setting of the vLLM engine ({hint})")
     settings = dict(model=model_dir, skip_tokenizer_init=True, **args)
     settings.setdefault("disable_log_stats", True)
     if gpu_memory_utilization is not None:

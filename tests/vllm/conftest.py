@@ -1,5 +1,8 @@
 """One vLLM engine for the whole session (start-up takes 30-60 s on CPU), on the demo checkpoint.
 
+It is built the way users build it, through ModelScope's ``pipeline()``; the
+engine tests use the pipeline model's engine.
+
 The demo checkpoint is a small trained Llama (head size 32, which vLLM's CPU
 attention accepts) with the package's own tokenizer, so its greedy answers
 are real sentences that end with EOS.
@@ -23,12 +26,22 @@ def vllm_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def vllm_engine(vllm_model_dir):
+def vllm_chat_pipe(vllm_model_dir):
+    """``pipeline('chat', model=dir, llm_framework='vllm')``: the session's one vLLM engine."""
+    import modelscope_llama2  # noqa: F401  (registers the pipelines)
+    from modelscope.pipelines import pipeline
+
+    pipe = pipeline("chat", model=vllm_model_dir, llm_framework="vllm", dtype="float32")
+    yield pipe
+    pipe.model.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(vllm_chat_pipe):
     from modelscope_llama2.engines.vllm_engine import VllmEngine
 
-    engine = VllmEngine(vllm_model_dir, dtype="float32")
-    yield engine
-    engine.close()
+    assert isinstance(vllm_chat_pipe.model.engine, VllmEngine)
+    return vllm_chat_pipe.model.engine
 
 
 @pytest.fixture(scope="session")
