@@ -53,6 +53,10 @@ VLLM_OPTIONS = frozenset(
     {"do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "min_new_tokens"}
 )
 
+# What transformers 5's generate() applies to the settings above that neither
+# the request nor the checkpoint sets (GenerationConfig._get_default_generation_params).
+TRANSFORMERS_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+
 # vLLM's names for settings whose transformers names differ.
 _TRANSFORMERS_NAMES = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}
 
@@ -306,19 +310,20 @@ def finish_reason(completion: Any) -> str:
 
 
 def checkpoint_sampling_defaults(model_dir: str) -> Dict[str, Any]:
-    """The checkpoint's ``generation_config.json`` settings this engine honours, as transformers reads them.
+    """What transformers' ``generate()`` uses for the settings this engine honours when a request leaves them out.
 
-    transformers' ``generate()`` falls back to these (``top_k`` 50 included)
-    for settings a request leaves out; the vLLM engine does the same.
+    The checkpoint's ``generation_config.json`` first, then transformers' own
+    defaults (:data:`TRANSFORMERS_DEFAULTS`, ``top_k`` 50 included); the vLLM
+    engine falls back to the same.
     """
     from transformers import GenerationConfig
 
     try:
-        config = GenerationConfig.from_pretrained(model_dir)
-    except OSError:  # no generation_config.json: transformers' own defaults
-        config = GenerationConfig()
-    settings = config.to_dict()
-    return {key: settings[key] for key in VLLM_OPTIONS if settings.get(key) is not None}
+        settings = GenerationConfig.from_pretrained(model_dir).to_dict()
+    except OSError:  # no generation_config.json
+        settings = {}
+    found = {key: settings[key] for key in VLLM_OPTIONS if settings.get(key) is not None}
+    return {**TRANSFORMERS_DEFAULTS, **found}
 
 
 def vllm_sampling_params(sampling: SamplingParams, defaults: Mapping[str, Any], max_tokens: int) -> Any:

@@ -251,3 +251,16 @@ def test_bad_prompts_are_refused_before_reaching_vllm(vllm_engine, received_prom
     with pytest.raises(ValueError, match="request_id .* already in use"):
         vllm_engine.generate([twice, twice])
     assert received_prompts == {}
+
+
+def test_left_out_settings_fall_back_as_in_transformers(vllm_engine, vllm_model_dir, tmp_path):
+    from transformers import GenerationConfig
+
+    from modelscope_llama2.engines.vllm_engine import TRANSFORMERS_DEFAULTS, checkpoint_sampling_defaults
+
+    fallback = GenerationConfig._get_default_generation_params()
+    assert TRANSFORMERS_DEFAULTS == {key: fallback[key] for key in TRANSFORMERS_DEFAULTS}
+    assert vllm_engine.defaults == {**TRANSFORMERS_DEFAULTS, "do_sample": False}  # the demo's generation config
+    GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9).save_pretrained(tmp_path)
+    assert checkpoint_sampling_defaults(str(tmp_path)) == {**TRANSFORMERS_DEFAULTS, "do_sample": True,
+                                                           "temperature": 0.6, "top_p": 0.9}
