@@ -116,8 +116,11 @@ class VllmEngine(Engine):
                             dtype=dtype, enable_prefix_caching=enable_prefix_caching, **engine_args)
         self.defaults = checkpoint_sampling_defaults(self.model_dir)
         self._active: Dict[str, "_Request"] = {}  # request id -> its state; touched on the loop thread only
+        # Request ids from generate() until its iterator ends, and those of them
+        # asked to abort (perhaps before the iterator has started).
         self._ids_lock = threading.Lock()
         self._ids_in_use: set = set()
+        self._aborts: set = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="modelscope-llama2-vllm", daemon=True)
         self._thread.start()
@@ -146,6 +149,10 @@ class VllmEngine(Engine):
 
     def abort(self, request_id: str) -> None:
         """Stop ``request_id``; its last event has ``finish_reason='abort'``. Safe from any thread."""
+        with self._ids_lock:
+            if request_id not in self._ids_in_use:
+                return  # unknown, or its iterator has ended
+            self._aborts.add(request_id)
         if not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._abort_on_loop, request_id)
 
@@ -193,7 +200,8 @@ class VllmEngine(Engine):
 
     def _claim_ids(self, request_ids: List[str]) -> None:
         with self._ids_lock:
-            taken = sorted((set(request_ids) & self._ids_in_use) | {i for i in request_ids if request_ids.count(i) > 1})
+            repeated = {i for i in request_ids if request_ids.count(i) > 1}
+            taken = sorted(repeated | (set(request_ids) & self._ids_in_use))
             if taken:
                 raise ValueError(f"prompts: request_id {taken[0]!r} is already in use; each request needs its own")
             self._ids_in_use.update(request_ids)
@@ -201,6 +209,11 @@ class VllmEngine(Engine):
     def _release_ids(self, request_ids: Sequence[str]) -> None:
         with self._ids_lock:
             self._ids_in_use.difference_update(request_ids)
+            self._aborts.difference_update(request_ids)
+
+    def _abort_requested(self, request_id: str) -> bool:
+        with self._ids_lock:
+            return request_id in self._aborts
 
     # -- the consumer's thread -------------------------------------------------
 
@@ -228,14 +241,14 @@ class VllmEngine(Engine):
 
     def _submit(self, prompts: List[Prompt], params: List[Any], sink: "queue.SimpleQueue") -> None:
         for prompt, sampling in zip(prompts, params):
-            request = _Request(prompt, sink)
+            request = _Request(prompt, sink, aborted=self._abort_requested(prompt.request_id))
             self._active[prompt.request_id] = request
             request.task = self._loop.create_task(self._run(request, sampling))
 
     def _abort_on_loop(self, request_id: str) -> None:
         request = self._active.get(request_id)
         if request is None:
-            return  # unknown or finished
+            return  # finished, or not submitted yet (_submit reads the abort then)
         request.aborted = True
         if request.started:
             request.task.cancel()  # AsyncLLM.generate aborts the request in vLLM on cancellation
@@ -271,9 +284,9 @@ class _Request:
 
     prompt: Prompt
     sink: "queue.SimpleQueue"
+    aborted: bool = False
     task: Optional["asyncio.Task"] = None
     started: bool = False
-    aborted: bool = False
     count: int = 0
     cached: int = 0
     held: tuple = ()  # the final output's ids, sent with the finish event

@@ -202,6 +202,15 @@ def test_abort_from_another_thread(vllm_engine, demo_tokenizer):
     vllm_engine.abort(target.request_id)  # finished: ignored
 
 
+def test_abort_before_iterating(vllm_engine, demo_tokenizer, received_prompts):
+    p = long_prompt(demo_tokenizer)
+    events = vllm_engine.generate([p])
+    vllm_engine.abort(p.request_id)
+    (final,) = list(events)
+    assert final.finish_reason == "abort" and final.usage.completion_tokens == 0
+    assert received_prompts == {}  # it never reached vLLM
+
+
 def test_closing_the_iterator_aborts(vllm_engine, demo_tokenizer):
     p = long_prompt(demo_tokenizer)
     events = vllm_engine.generate([p])
