@@ -8,15 +8,13 @@ os.environ.setdefault("MODELSCOPE_ENDPOINT", "http://127.0.0.1:9")
 
 import pytest  # noqa: E402
 
-from tests.tiny_checkpoint import (  # noqa: E402
+from tests.helpers import (  # noqa: E402
     MODELSCOPE_CHAT_CONFIGURATION,
+    MODELSCOPE_TEXT_GENERATION_CONFIGURATION,
+    SCRIPT,
     build_scripted_checkpoint,
     build_tiny_checkpoint,
 )
-
-# The scripted checkpoint's greedy answer to every chat prompt: ASCII, then a
-# 3-byte and a 4-byte character made of byte-fallback tokens, then EOS.
-SCRIPT = "Yes,龍🐉!"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -98,8 +96,6 @@ def demo_ms_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_base_dir(tmp_path_factory):
     """The demo checkpoint carrying a ModelScope Llama 2 base repo's (text-generation) configuration.json."""
-    from tests.tiny_checkpoint import MODELSCOPE_TEXT_GENERATION_CONFIGURATION
-
     return _demo_copy(str(tmp_path_factory.mktemp("demo-base") / "model"), MODELSCOPE_TEXT_GENERATION_CONFIGURATION)
 
 

@@ -22,7 +22,7 @@ from modelscope_llama2.checkpoints.hub import (
 )
 from modelscope_llama2.tokenizer import Llama2Tokenizer
 from tests.hub_server import HubServer, HubState
-from tests.tiny_checkpoint import REPO_ROOT, tiny_config
+from tests.helpers import REPO_ROOT, tiny_config
 
 TOKEN = "ms-test-token"
 REPO = "modelscope/Llama-2-13b-chat-ms"

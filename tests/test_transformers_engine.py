@@ -9,14 +9,18 @@ import itertools
 
 import pytest
 
-from tests.conftest import SCRIPT
+from tests.helpers import SCRIPT, assert_usage, without_usage
 
 GREEDY = {"do_sample": False}
 
 
 def test_scripted_model_answers_the_script(scripted_model, tokenizer):
     output = scripted_model.chat({"text": "hello", **GREEDY}, tokenizer)
-    assert output == {"response": SCRIPT, "history": [("hello", SCRIPT)], "finish_reason": "eos"}
+    assert without_usage(output) == {"response": SCRIPT, "history": [("hello", SCRIPT)], "finish_reason": "eos",
+                                     "dropped_rounds": 0}
+    # EOS ends the answer and is not counted.
+    prompt = scripted_model.prepare_chat({"text": "hello"}, tokenizer)
+    assert_usage(output, len(prompt.token_ids), len(tokenizer.encode(SCRIPT)))
 
 
 def test_stream_never_shows_a_broken_character_and_ends_as_chat(scripted_model, tokenizer):
@@ -30,7 +34,10 @@ def test_stream_never_shows_a_broken_character_and_ends_as_chat(scripted_model, 
         assert "\ufffd" not in text and text.encode("utf-8").decode("utf-8") == text
         assert SCRIPT.startswith(text)
     assert [item["finish_reason"] for item in items] == [None] * 6 + ["eos"]
-    assert items[-1] == scripted_model.chat(inputs, tokenizer)
+    assert [item["usage"] for item in items[:-1]] == [None] * 6
+    assert without_usage(items[-1]) == without_usage(scripted_model.chat(inputs, tokenizer))
+    prompt = scripted_model.prepare_chat(inputs, tokenizer)
+    assert_usage(items[-1], len(prompt.token_ids), len(tokenizer.encode(SCRIPT)))
     assert all(item["history"][:-1] == [("a", "b")] for item in items)
 
 
@@ -38,7 +45,11 @@ def test_stream_on_random_model_is_a_prefix_chain_ending_as_chat(tiny_model, tok
     inputs = {"text": "浙江的省会 😀", "system": "be brief", "max_new_tokens": 40, **GREEDY}
     items = list(tiny_model.stream_chat(inputs, tokenizer))
     final = tiny_model.chat(inputs, tokenizer)
-    assert items[-1] == final
+    assert without_usage(items[-1]) == without_usage(final)
+    # chat() after the stream reuses the streamed conversation's KV cache.
+    prompt_tokens = items[-1]["usage"]["prompt_tokens"]
+    assert_usage(items[-1], prompt_tokens, 40, cached_tokens=0)
+    assert_usage(final, prompt_tokens, 40, cached_tokens=prompt_tokens - 1)
     for before, after in itertools.pairwise(item["response"] for item in items):
         assert after.startswith(before) and before != after or after == final["response"]
         assert not before.endswith("\ufffd")
@@ -73,16 +84,25 @@ def test_batch_equals_single_calls(tiny_model, scripted_model, tokenizer):
         {"text": "hi", "max_new_tokens": 12, **GREEDY},
         {"text": "西湖", "history": [("a", "b"), ("c", "d")], "max_new_tokens": 12, **GREEDY},
     ]
-    assert tiny_model.chat(batch, tokenizer) == [tiny_model.chat(inputs, tokenizer) for inputs in batch]
+    together = tiny_model.chat(batch, tokenizer)
+    singles = [tiny_model.chat(inputs, tokenizer) for inputs in batch]
+    assert without_usage(together) == without_usage(singles)
+    # A batch runs without the prefix cache; each row counts its own prompt.
+    for row, single in zip(together, singles):
+        assert_usage(row, single["usage"]["prompt_tokens"], 12, cached_tokens=0)
     scripted = [{"text": "hello", **GREEDY}, {"text": "a much longer message than the first one", **GREEDY}]
-    assert scripted_model.chat(scripted, tokenizer) == [scripted_model.chat(i, tokenizer) for i in scripted]
+    together = scripted_model.chat(scripted, tokenizer)
+    assert without_usage(together) == without_usage([scripted_model.chat(i, tokenizer) for i in scripted])
+    assert [row["usage"]["completion_tokens"] for row in together] == [len(tokenizer.encode(SCRIPT))] * 2
 
 
 def test_batch_rows_keep_their_own_token_limits(tiny_model, tokenizer):
     batch = [{"text": "hi", "max_new_tokens": 3, **GREEDY}, {"text": "hi", "max_new_tokens": 9, **GREEDY}]
     short, long = tiny_model.chat(batch, tokenizer)
-    assert short == tiny_model.chat(batch[0], tokenizer)
-    assert long == tiny_model.chat(batch[1], tokenizer)
+    assert without_usage(short) == without_usage(tiny_model.chat(batch[0], tokenizer))
+    assert without_usage(long) == without_usage(tiny_model.chat(batch[1], tokenizer))
+    assert (short["finish_reason"], long["finish_reason"]) == ("length", "length")
+    assert (short["usage"]["completion_tokens"], long["usage"]["completion_tokens"]) == (3, 9)
 
 
 def test_seed_makes_sampling_reproducible(tiny_model, tokenizer):
@@ -107,13 +127,14 @@ def test_seed_leaves_the_global_random_state_alone(tiny_model, tokenizer):
 def test_complete_continues_plain_text(scripted_model, tokenizer):
     # No chat format: the prompt is BOS + text, which here ends like a chat prompt.
     output = scripted_model.complete({"text": "hello [/INST]", **GREEDY}, tokenizer)
-    assert output == {"text": " " + SCRIPT, "finish_reason": "eos"}
+    assert without_usage(output) == {"text": " " + SCRIPT, "finish_reason": "eos"}
+    assert_usage(output, 1 + len(tokenizer.encode("hello [/INST]")), len(tokenizer.encode(SCRIPT)))
     echoed = scripted_model.complete({"text": "hello [/INST]", "echo": True, **GREEDY}, tokenizer)
     assert echoed["text"] == "hello [/INST] " + SCRIPT
     streamed = [item["text"] for item in scripted_model.stream_complete({"text": "hello [/INST]", **GREEDY}, tokenizer)]
     assert streamed[-1] == " " + SCRIPT and all((" " + SCRIPT).startswith(text) for text in streamed)
     batch = scripted_model.complete([{"text": "hello [/INST]", **GREEDY}, {"text": "x [/INST]", **GREEDY}], tokenizer)
-    assert batch == [output, output]
+    assert without_usage(batch) == [without_usage(output)] * 2
 
 
 def test_complete_refuses_bad_input(tiny_model, tokenizer):
