@@ -6,10 +6,12 @@ so the streamed text can be checked byte for byte.
 """
 
 import itertools
+import threading
 
 import pytest
 
-from tests.helpers import SCRIPT, assert_usage, without_usage
+from modelscope_llama2.prompts.prompt import SamplingParams
+from tests.helpers import SCRIPT, ForwardLog, assert_usage, without_usage
 
 GREEDY = {"do_sample": False}
 
@@ -142,3 +144,113 @@ def test_complete_refuses_bad_input(tiny_model, tokenizer):
         tiny_model.complete({"text": "x", "echo": 1}, tokenizer)
     with pytest.raises(ValueError, match=r"text: the prompt takes \d+ tokens, more than the 24 tokens"):
         tiny_model.complete({"text": "word " * 100, "max_length": 32}, tokenizer)
+
+
+# -- the engine interface directly ---------------------------------------------
+
+def _prompt(model, tokenizer, text="hello", **settings):
+    return model.prepare_chat({"text": text, **GREEDY, **settings}, tokenizer)
+
+
+def _by_request(events):
+    """``{request_id: (ids, finish events)}`` from a list of token events."""
+    out = {}
+    for event in events:
+        ids, finishes = out.setdefault(event.request_id, ([], []))
+        ids.extend(event.token_ids)
+        if event.finished:
+            finishes.append(event)
+    return out
+
+
+def test_events_carry_each_requests_new_ids_then_one_finish(scripted_model, tokenizer):
+    engine = scripted_model.engine
+    prompt = _prompt(scripted_model, tokenizer)
+    events = list(engine.generate([prompt]))
+    assert {event.request_id for event in events} == {prompt.request_id}
+    # One new id per event, EOS never among them; only the last event finishes, with usage.
+    assert [event.token_ids for event in events[:-1]] == [(i,) for i in tokenizer.encode(SCRIPT)]
+    assert events[-1].token_ids == () and events[-1].finish_reason == "eos"
+    assert [event.finished for event in events] == [False] * (len(events) - 1) + [True]
+    assert all(event.usage is None for event in events[:-1])
+    usage = events[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt.token_ids), len(tokenizer.encode(SCRIPT)))
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_length_finish_carries_the_last_id(scripted_model, tokenizer):
+    prompt = _prompt(scripted_model, tokenizer, max_new_tokens=3)
+    events = list(scripted_model.engine.generate([prompt]))
+    assert [i for event in events for i in event.token_ids] == tokenizer.encode(SCRIPT)[:3]
+    assert events[-1].finish_reason == "length" and events[-1].token_ids == (tokenizer.encode(SCRIPT)[2],)
+    assert events[-1].usage.completion_tokens == 3
+
+
+def test_usage_counts_cached_prompt_tokens_only_with_the_prefix_cache(tiny_model, tokenizer):
+    engine = tiny_model.engine
+    prompt = _prompt(tiny_model, tokenizer, max_new_tokens=4)
+    first, again = (list(engine.generate([prompt]))[-1].usage for _ in range(2))
+    assert (first.cached_tokens, again.cached_tokens) == (0, len(prompt.token_ids) - 1)
+    tiny_model.set_prompt_cache(max_entries=0)
+    assert [list(engine.generate([prompt]))[-1].usage.cached_tokens for _ in range(2)] == [0, 0]
+
+
+def test_a_batch_keeps_each_requests_ids_limit_and_finish(tiny_model, scripted_model, tokenizer):
+    short, long = (_prompt(tiny_model, tokenizer, "hi", max_new_tokens=n) for n in (3, 9))
+    together = _by_request(tiny_model.engine.generate([short, long]))
+    for prompt in (short, long):
+        alone = _by_request(tiny_model.engine.generate([prompt]))[prompt.request_id]
+        ids, finishes = together[prompt.request_id]
+        assert ids == alone[0] and len(ids) == prompt.sampling.max_new_tokens
+        assert [event.finish_reason for event in finishes] == ["length"]
+    # A row that ends on EOS finishes once and gets nothing after it, while the others go on.
+    scripted = [_prompt(scripted_model, tokenizer), _prompt(scripted_model, tokenizer, "much longer message here")]
+    events = list(scripted_model.engine.generate(scripted))
+    for prompt in scripted:
+        mine = [event for event in events if event.request_id == prompt.request_id]
+        assert [i for event in mine for i in event.token_ids] == tokenizer.encode(SCRIPT)
+        assert [event.finish_reason for event in mine][-1] == "eos" and sum(e.finished for e in mine) == 1
+
+
+def test_abort_from_another_thread_ends_only_that_request(tiny_model, tokenizer):
+    engine = tiny_model.engine
+    victim, other = (_prompt(tiny_model, tokenizer, "hi", max_new_tokens=60) for _ in range(2))
+    events = []
+    for event in engine.generate([victim, other]):
+        events.append(event)
+        if len(events) == 1:
+            aborter = threading.Thread(target=engine.abort, args=(victim.request_id,))
+            aborter.start()
+            aborter.join()
+    by_request = _by_request(events)
+    victim_ids, victim_end = by_request[victim.request_id]
+    other_ids, other_end = by_request[other.request_id]
+    assert [event.finish_reason for event in victim_end] == ["abort"]
+    assert len(victim_ids) < 60 and victim_end[0].usage.completion_tokens == len(victim_ids)
+    # The other row ran to its limit, token for token what it gives alone.
+    assert [event.finish_reason for event in other_end] == ["length"] and len(other_ids) == 60
+    assert other_ids == _by_request(engine.generate([other]))[other.request_id][0]
+    engine.abort("no-such-request")  # unknown ids are ignored
+
+
+def test_closing_the_iterator_stops_generation(tiny_model, tokenizer):
+    prompt = _prompt(tiny_model, tokenizer, "hi", max_new_tokens=2000)
+    with ForwardLog(tiny_model) as log:
+        events = tiny_model.engine.generate([prompt])
+        first = next(events)
+        events.close()  # returns once the worker thread has stopped
+        passes = len(log.calls)
+    assert first.token_ids and not first.finished
+    assert not [t for t in threading.enumerate() if t.name == "modelscope-llama2-generate"]
+    assert passes < 2000
+
+
+def test_engine_refuses_what_it_cannot_honour(tiny_model, tokenizer):
+    engine = tiny_model.engine
+    with pytest.raises(ValueError, match=r"inputs\['num_beams'\]: not supported by the transformers engine"):
+        engine.check_sampling(SamplingParams(max_new_tokens=4, options={"num_beams": 2}))
+    first = _prompt(tiny_model, tokenizer, "hi")
+    second = _prompt(tiny_model, tokenizer, "hi", seed=3)
+    with pytest.raises(ValueError, match=r"inputs\[1\]: a batch runs as one generate\(\) call"):
+        list(engine.generate([first, second]))
+    assert list(engine.generate([])) == []
