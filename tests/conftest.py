@@ -1,28 +1,14 @@
 import os
 
-# The hub client reads these at import: no cloud probes, no upload tracker in
-# uploaded folders, and a dead default endpoint so no test can reach the internet.
-os.environ.setdefault("MODELSCOPE_DOWNLOAD_INTRA_CLOUD", "false")
-os.environ.setdefault("MODELSCOPE_UPLOAD_CACHE_ENABLED", "false")
-os.environ.setdefault("MODELSCOPE_ENDPOINT", "http://127.0.0.1:9")
+import pytest
 
-import pytest  # noqa: E402
-
-from tests.helpers import (  # noqa: E402
+from tests.helpers import (
     MODELSCOPE_CHAT_CONFIGURATION,
     MODELSCOPE_TEXT_GENERATION_CONFIGURATION,
     SCRIPT,
     build_scripted_checkpoint,
     build_tiny_checkpoint,
 )
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_modelscope_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("modelscope-home")
-    os.environ["MODELSCOPE_CACHE"] = str(home / "cache")
-    os.environ["MODELSCOPE_HOME"] = str(home / "home")
-    yield
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +65,7 @@ def _demo_copy(directory: str, configuration: dict) -> str:
     import json
     import shutil
 
-    from modelscope_llama2.demo import DEMO_DIR
+    from modelscope_llama2.constants import DEMO_DIR
 
     shutil.copytree(DEMO_DIR, directory)
     with open(os.path.join(directory, "configuration.json"), "w") as f:

@@ -195,7 +195,7 @@ def test_download_command_prints_the_verified_dir(hub, releases, tmp_path, capsy
     (("{dir}", "no-slash", "v1"), ValueError, "repo_id"),
     (("{dir}", REPO, "master"), ValueError, "tag"),
     (("{dir}", REPO, "v 1"), ValueError, "tag"),
-    (("{dir}/missing", REPO, "v1"), ValueError, "local_dir"),
+    (("{dir}/missing", REPO, "v1"), FileNotFoundError, "local_dir: no directory"),
     ((42, REPO, "v1"), TypeError, "local_dir"),
 ])
 def test_push_rejects_bad_arguments_before_any_request(releases, args, error, field):

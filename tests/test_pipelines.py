@@ -16,7 +16,7 @@ from modelscope.utils.constant import Tasks
 
 import modelscope_llama2  # noqa: F401  (registers the pipelines)
 from modelscope_llama2 import Llama2ForChat
-from modelscope_llama2.demo import DEMO_DIR
+from modelscope_llama2.constants import DEMO_DIR
 from modelscope_llama2.pipelines import Llama2ChatPipeline, Llama2TextGenerationPipeline
 from tests.helpers import REPO_ROOT, assert_usage, without_usage
 

@@ -13,7 +13,7 @@ import pytest
 
 from modelscope_llama2.apps.terminal import DEMO_NOTICE
 from modelscope_llama2.cli import main
-from modelscope_llama2.demo import DEMO_DIR
+from modelscope_llama2.constants import DEMO_DIR
 from tests.hub_server import HubServer, HubState
 from tests.helpers import REPO_ROOT
 

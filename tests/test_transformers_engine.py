@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from modelscope_llama2.prompts.prompt import SamplingParams
+from modelscope_llama2.prompts.prompt import Prompt, SamplingParams
 from tests.helpers import SCRIPT, ForwardLog, assert_usage, without_usage
 
 GREEDY = {"do_sample": False}
@@ -254,3 +254,9 @@ def test_engine_refuses_what_it_cannot_honour(tiny_model, tokenizer):
     with pytest.raises(ValueError, match=r"inputs\[1\]: a batch runs as one generate\(\) call"):
         list(engine.generate([first, second]))
     assert list(engine.generate([])) == []
+    vocab_size = tiny_model.config.vocab_size
+    for ids in ((), (1, vocab_size), (1, -1)):
+        bad = SamplingParams(max_new_tokens=4)
+        with ForwardLog(tiny_model) as log, pytest.raises(ValueError, match=r"prompts\[1\]\.token_ids: expected a non-"):
+            list(engine.generate([first, Prompt(token_ids=ids, sampling=bad)]))
+        assert log.calls == []
