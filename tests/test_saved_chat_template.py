@@ -9,7 +9,8 @@ import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from modelscope_llama2 import Llama2Tokenizer
-from tests.test_chat_format import DIALOGS, meta_chat_tokens
+from tests.helpers import meta_chat_tokens
+from tests.test_chat_format import DIALOGS
 
 # What no chat template can fix: transformers parses "<s>"/"</s>" typed in a
 # message as the special tokens; Meta's (and this package's) encoder keeps them as text.

@@ -24,7 +24,7 @@ since vLLM spawns its engine processes):
     >>> from modelscope_llama2.constants import DEMO_DIR
     >>> from modelscope_llama2.prompts.prompt import Prompt, SamplingParams
     >>> engine = VllmEngine(DEMO_DIR, dtype="float32")  # doctest: +SKIP
-    >>> prompt = Prompt(token_ids=(1, 518, 25580), sampling=SamplingParams(max_new_tokens=3))
+    >>> prompt = Prompt(token_ids=(1, 100, 200), sampling=SamplingParams(max_new_tokens=3))
     >>> [event.finish_reason for event in engine.generate([prompt])][-1]  # doctest: +SKIP
     'length'
     >>> engine.close()  # doctest: +SKIP
