@@ -480,7 +480,7 @@ def create_app(backend: Backend, config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="modelscope_llama2 OpenAI-compatible server", lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None)
-    app.state.metrics, app.state.admission = metrics, admission
+    app.state.metrics, app.state.admission, app.state.backend = metrics, admission, backend
     _install_error_handlers(app, metrics)
 
     def check_model(name: str) -> None:
