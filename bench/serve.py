@@ -109,8 +109,8 @@ def checked_request(client: openai.OpenAI, model: str, question: str, max_tokens
     """:func:`one_request`, or None when the server answered with an error (counted, not fatal)."""
     try:
         return one_request(client, model, question, max_tokens)
-    except openai.APIError as error:
-        print(f"  request failed: {error}", file=sys.stderr)
+    except (openai.APIError, ValueError) as error:  # ValueError: a chunk that is not valid JSON
+        print(f"  request failed: {type(error).__name__}: {str(error)[:200]}", file=sys.stderr)
         return None
 
 

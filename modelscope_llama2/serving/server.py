@@ -70,7 +70,8 @@ def build_app(model_dir: str, served_model_name: str, engine: str = "transformer
     from ..tokenizer import Llama2Tokenizer
 
     tokenizer = Llama2Tokenizer.from_pretrained(model_dir)
-    backend = LocalBackend(load_engine(model_dir, engine, dtype, device), tokenizer)
+    backend = LocalBackend(load_engine(model_dir, engine, dtype, device), tokenizer,
+                           max_workers=limits.get("max_running", ServerConfig.max_running))
     config = ServerConfig(served_model_name, api_key=api_key, default_sampling=default_sampling(model_dir), **limits)
     return create_app(backend, config)
 
