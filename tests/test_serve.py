@@ -320,3 +320,56 @@ def test_client_disconnect_aborts_the_request(tiny_server, tokenizer):
         time.sleep(0.05)
     metrics = httpx.get(url + "/metrics", timeout=30).text
     assert 'modelscope_llama2_requests_total{status="499"} 1.0' in metrics
+
+
+def test_next_turn_reuses_the_previous_turns_kv_blocks(demo):
+    system = "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible."
+    first = [{"role": "system", "content": system}, *ask(CAPITAL)]
+    reply = demo.chat.completions.create(model="demo", messages=first, extra_body={"return_token_ids": True},
+                                         **GREEDY)
+    second = [*first, {"role": "assistant", "content": reply.choices[0].message.content},
+              *ask("What are the interesting places there?")]
+    follow_up = demo.chat.completions.create(model="demo", messages=second, extra_body={"return_token_ids": True},
+                                             **GREEDY)
+    cached = follow_up.usage.prompt_tokens_details.cached_tokens
+    # The first turn's KV holds its prompt and its answer; the next prompt starts with (most of) them.
+    first_ids = reply.model_extra["prompt_token_ids"] + reply.choices[0].model_extra["token_ids"]
+    second_ids = follow_up.model_extra["prompt_token_ids"]
+    shared = next((i for i, (a, b) in enumerate(zip(first_ids, second_ids)) if a != b), len(first_ids))
+    assert shared >= 32
+    # Whole 32-token pages of the shared prefix come from the cache.
+    assert cached > 0 and cached % 32 == 0 and cached <= shared
+
+
+def test_serve_command_works_offline_on_the_demo(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MODELSCOPE_LLAMA2_API_KEY": KEY}
+    log = open(tmp_path / "server.log", "w+")
+    process = subprocess.Popen([sys.executable, "-m", "modelscope_llama2", "serve", "--port", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, open(tmp_path / "server.log").read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
+        (model,) = client.models.list().data
+        reply = client.chat.completions.create(model=model.id, messages=ask(CAPITAL), **GREEDY)
+        assert reply.choices[0].message.content == CAPITAL_ANSWER
+        with pytest.raises(openai.AuthenticationError):  # the key came from the environment
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -284,7 +284,7 @@ class PromptBuilder:
         """One prompt per (prompt, choice): ``prompt[0]``'s n choices first, as OpenAI orders them."""
         _refuse_unsupported(request)
         prompts = []
-        for index, ids in enumerate(self._completion_ids(request.prompt)):
+        for text, ids in self._completion_ids(request.prompt):
             if len(ids) + (request.max_tokens or 1) > self.context:
                 raise _too_long(len(ids), request.max_tokens, self.context - (request.max_tokens or 1), self.context,
                                 param="prompt")
@@ -292,10 +292,11 @@ class PromptBuilder:
             # Decoded before the new ids (specials left out), so the first new word keeps its space.
             prefix = tuple(ids[_after_last_special(ids, self.tokenizer.all_special_ids):])
             prompts += [Prompt(tuple(ids), self._seeded(sampling, i), kind="completion", decode_prefix=prefix,
-                               echo=request.echo, message=str(index)) for i in range(request.n)]
+                               echo=request.echo, message=text) for i in range(request.n)]
         return prompts
 
-    def _completion_ids(self, prompt: Any) -> List[List[int]]:
+    def _completion_ids(self, prompt: Any) -> List[Tuple[str, List[int]]]:
+        """``(text, ids)`` of each prompt: BOS + the text's ids, or token ids as given (text ``''``)."""
         if isinstance(prompt, str):
             prompt = [prompt]
         if not prompt:
@@ -305,14 +306,14 @@ class PromptBuilder:
         rows = []
         for row in prompt:
             if isinstance(row, str):
-                rows.append([self.tokenizer.bos_token_id, *self.tokenizer.encode(row)])
+                rows.append((row, [self.tokenizer.bos_token_id, *self.tokenizer.encode(row)]))
                 continue
             bad = [t for t in row if not 0 <= t < self.tokenizer.vocab_size]
             if not row or bad:
                 what = f"token id {bad[0]} is outside the vocabulary (0..{self.tokenizer.vocab_size - 1})" \
                     if bad else "an empty list of token ids"
                 raise APIError(400, f"prompt: {what}", param="prompt")
-            rows.append(list(row))  # ids taken as given (no BOS added), as OpenAI and vLLM do
+            rows.append(("", list(row)))  # ids taken as given (no BOS added), as OpenAI and vLLM do
         return rows
 
     def _sampling(self, request: Any, max_new_tokens: int) -> SamplingParams:
@@ -554,16 +555,15 @@ def _client_gone(metrics: ServerMetrics) -> Response:
 def _completion_choice(body: CompletionRequest, builder: PromptBuilder, prompt: Prompt, index: int, text: str,
                        finish_reason: Optional[str], token_ids: List[int]) -> CompletionChoice:
     if body.echo and text is not None:
-        text = _prompt_text(body, builder, prompt) + text
+        text = _prompt_text(builder, prompt) + text
     return CompletionChoice(index=index, text=text, finish_reason=finish_reason,
                             token_ids=token_ids if body.return_token_ids else None,
                             prompt_token_ids=list(prompt.token_ids) if body.return_token_ids else None)
 
 
-def _prompt_text(body: CompletionRequest, builder: PromptBuilder, prompt: Prompt) -> str:
-    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    original = texts[int(prompt.message)] if texts and isinstance(texts[0], str) else None
-    return original if original is not None else builder.tokenizer.decode(prompt.token_ids, skip_special_tokens=True)
+def _prompt_text(builder: PromptBuilder, prompt: Prompt) -> str:
+    """What ``echo`` puts before the completion: the prompt as sent, or its ids decoded."""
+    return prompt.message or builder.tokenizer.decode(prompt.token_ids, skip_special_tokens=True)
 
 
 def _streaming(metrics: ServerMetrics, chunks: AsyncIterator[str]) -> StreamingResponse:
@@ -630,7 +630,7 @@ async def _completion_chunks(body: CompletionRequest, builder: PromptBuilder, pr
         text = delta.text
         if body.echo and index not in echoed:
             echoed.add(index)
-            text = _prompt_text(body, builder, prompts[index]) + text
+            text = _prompt_text(builder, prompts[index]) + text
         if text or reason:
             choice = CompletionChoice(index=index, text=text, finish_reason=reason,
                                       token_ids=list(delta.token_ids) if body.return_token_ids else None)
