@@ -14,7 +14,8 @@ Safe by default: with an API key every route but ``/health`` needs
 
 Example:
     >>> from modelscope_llama2.serving.backend import LocalBackend  # doctest: +SKIP
-    >>> app = create_app(LocalBackend(engine, tokenizer), ServerConfig("llama-2-7b-chat", api_key="sk-1"))  # doctest: +SKIP
+    >>> backend = LocalBackend(engine, tokenizer)  # doctest: +SKIP
+    >>> app = create_app(backend, ServerConfig("llama-2-7b-chat", api_key="sk-1"))  # doctest: +SKIP
     >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
 """
 
@@ -265,6 +266,9 @@ class PromptBuilder:
         _refuse_unsupported(request)
         dialog = [{"role": message.role, "content": message.text()} for message in request.messages]
         max_tokens = request.max_completion_tokens or request.max_tokens
+        if max_tokens is not None and max_tokens >= self.context:
+            raise APIError(400, f"max_tokens: {max_tokens} leaves no room for a prompt in this model's context of "
+                                f"{self.context} tokens", param="max_tokens", code="context_length_exceeded")
         inputs: Dict[str, Any] = {"messages": dialog}
         if max_tokens is not None:
             inputs["max_new_tokens"] = max_tokens
@@ -273,9 +277,8 @@ class PromptBuilder:
             prompt = chat_prompt(chat, self.tokenizer, self.context, truncate=request.truncation == "auto")
         except PromptTooLong as error:
             raise _too_long(error.prompt_tokens, max_tokens, error.budget, self.context) from None
-        except (TypeError, ValueError) as error:
-            param = "max_tokens" if str(error).startswith("max_new_tokens") else "messages"
-            raise APIError(400, str(error).replace("max_new_tokens", "max_tokens"), param=param) from None
+        except (TypeError, ValueError) as error:  # roles, order, control tags: named by index
+            raise APIError(400, str(error), param="messages") from None
         sampling = self._sampling(request, prompt.sampling.max_new_tokens)
         return [replace(prompt, sampling=self._seeded(sampling, i), request_id=new_request_id())
                 for i in range(request.n)]
@@ -319,10 +322,12 @@ class PromptBuilder:
     def _sampling(self, request: Any, max_new_tokens: int) -> SamplingParams:
         sampling = SamplingParams(max_new_tokens=max_new_tokens, stop=_stops(request.stop), seed=request.seed,
                                   options=sampling_options(request, self.defaults))
-        try:
-            self.backend.check_sampling(sampling, "body")
-        except ValueError as error:
-            raise APIError(400, str(error), param=next(iter(sampling.options), None)) from None
+        for key, value in sampling.options.items():  # one by one, to name the field refused
+            try:
+                self.backend.check_sampling(SamplingParams(max_new_tokens, options={key: value}), "body")
+            except ValueError:
+                raise APIError(400, f"{key}: not supported by the {self.backend.engine_name} engine",
+                               param=key) from None
         return sampling
 
     @staticmethod
@@ -330,7 +335,7 @@ class PromptBuilder:
         # n choices with one seed: each its own reproducible stream, not n copies.
         if sampling.seed is None or choice == 0:
             return sampling
-        return SamplingParams(sampling.max_new_tokens, sampling.stop, sampling.seed + choice, sampling.options)
+        return replace(sampling, seed=sampling.seed + choice)
 
 
 def _after_last_special(ids: Sequence[int], special: Sequence[int]) -> int:
@@ -359,9 +364,10 @@ class Generation:
         queue: "asyncio.Queue[Tuple[int, Any]]" = asyncio.Queue()
 
         async def pump(index: int, prompt: Prompt) -> None:
+            arrived = time.perf_counter()  # TTFT includes the wait for a slot, as clients see it
             try:
                 async with self.admission.slot():
-                    await self._stream_one(index, prompt, queue)
+                    await self._stream_one(index, prompt, queue, arrived)
             except Exception as error:  # re-raised in the consumer
                 await queue.put((index, error))
             await queue.put((index, None))
@@ -382,8 +388,8 @@ class Generation:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _stream_one(self, index: int, prompt: Prompt, queue: "asyncio.Queue") -> None:
-        started = last = time.perf_counter()
+    async def _stream_one(self, index: int, prompt: Prompt, queue: "asyncio.Queue", arrived: float) -> None:
+        started = last = arrived
         first = True
         stream = self.backend.stream(prompt)
         try:

@@ -23,7 +23,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def default_sampling(model_dir: str) -> Dict[str, Any]:
-    """The checkpoint's sampling defaults (``do_sample``, ``temperature``, ``top_p``) from ``generation_config.json``."""
+    """The checkpoint's sampling defaults (``do_sample``, ``temperature``, ``top_p``), from its generation config."""
     from transformers import GenerationConfig
 
     if not os.path.isfile(os.path.join(model_dir, "generation_config.json")):
