@@ -188,7 +188,7 @@ def prompt_ids_comparison(model_dir: str, url: str, model: str, api_key: str) ->
 def random_checkpoint(directory: str) -> str:
     """A small random Llama 2 checkpoint (the tests' tiny one) with the package's tokenizer files."""
     from modelscope_llama2.tokenizer import Llama2Tokenizer
-    from tests.tiny_checkpoint import build_tiny_checkpoint
+    from tests.helpers import build_tiny_checkpoint
 
     build_tiny_checkpoint(directory, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                           num_attention_heads=8, num_key_value_heads=8)
