@@ -15,7 +15,7 @@ For each checkpoint (the bundled demo, and a small random one built here):
 Bounded: a fixed number of requests, loopback only, a time limit per phase;
 every server is stopped at the end. Run from the repo root:
 
-    python bench/serve.py                      # about 3-5 minutes on 2 cores
+    python bench/serve.py                      # 5-15 minutes on 2 shared cores (servers warm up, 2 rounds)
     python bench/serve.py --skip-transformers  # this package's server only
 """
 
