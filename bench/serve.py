@@ -215,6 +215,8 @@ def main() -> int:
     parser.add_argument("--skip-transformers", action="store_true", help="do not run transformers serve")
     parser.add_argument("--api-key", default="bench-key")
     args = parser.parse_args()
+    # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the servers started here are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from modelscope_llama2.constants import DEMO_DIR
 
