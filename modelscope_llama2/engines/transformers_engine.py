@@ -34,7 +34,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from transformers.generation.streamers import BaseStreamer
 
 from ..constants import CONTEXT_LENGTH, EOS_ID, PAD_ID
-from ..prompts.prompt import Prompt, SamplingParams
+from ..prompts.prompt import Prompt
 from ..prompts.requests import RESERVED_GENERATION_KEYS
 from .base import Engine, TokenEvent, Usage
 from .prefix_cache import PromptCache
