@@ -12,7 +12,6 @@ Test modules import from here, never from each other or from conftest.
 * :class:`ForwardLog`: the input ids of every forward pass of a model.
 """
 
-import io
 import json
 import os
 import shutil
@@ -22,6 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import sentencepiece as spm
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from modelscope_llama2.checkpoints.train_tokenizer import train_sentencepiece
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,32 +41,12 @@ CORPUS = [
 ]
 
 
-def train_sentencepiece(path: str, vocab_size: int = 400) -> None:
-    # Settings spelled out here rather than modelscope_llama2.tokenizer.train_sentencepiece,
-    # so the fixture does not depend on the code under test.
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,
-        byte_fallback=True,
-        split_digits=True,
-        normalization_rule_name="identity",
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
-    with open(path, "wb") as f:
-        f.write(model.getvalue())
+def train_tiny_tokenizer(path: str, vocab_size: int = 400) -> None:
+    """The tiny checkpoints' ``tokenizer.model``: Llama's sentencepiece settings on :data:`CORPUS`.
+
+    ``tests/test_tokenizer.py`` checks those settings in the trained model itself.
+    """
+    train_sentencepiece(CORPUS * 20, path, vocab_size)
 
 
 def tiny_config(vocab_size: int, **overrides) -> LlamaConfig:
@@ -115,7 +96,7 @@ def build_tiny_checkpoint(directory: str, configuration: dict = None, seed: int 
     if tokenizer_dir:
         shutil.copy(os.path.join(tokenizer_dir, "tokenizer.model"), vocab)
     else:
-        train_sentencepiece(vocab)
+        train_tiny_tokenizer(vocab)
     vocab_size = spm.SentencePieceProcessor(model_file=vocab).vocab_size()
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_config(vocab_size, **config_overrides))

@@ -151,7 +151,7 @@ def test_server_dying_mid_upload_creates_no_tag_and_a_rerun_completes(hub, relea
                MODELSCOPE_UPLOAD_COMMIT_MAX_ATTEMPTS="1", MODELSCOPE_UPLOAD_RECOVERY_ENABLED="false",
                MODELSCOPE_UPLOAD_FAILED_FILE_MAX_RETRY_ROUNDS="1")
     run = subprocess.run([sys.executable, "-m", "modelscope_llama2", "push", releases[0], REPO, "--tag", "v1.0.2",
-                          "--no-progress"], env=env, capture_output=True, text=True, timeout=120)
+                          "--no-progress"], env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 1, run.stderr
     assert "no tag was created" in run.stderr
     assert hub.blob_puts == 1 and hub.state.repos[REPO].tags == {}

@@ -262,7 +262,7 @@ def test_gpu_placement(demo_ms_dir):
 
 def test_example_script_runs_the_documented_calls():
     done = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "examples", "chat.py"), "--device", "cpu"],
-                          capture_output=True, text=True, encoding="utf-8", timeout=120,
+                          capture_output=True, text=True, encoding="utf-8", timeout=240,
                           env={**os.environ, "PYTHONPATH": REPO_ROOT})
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [

@@ -23,7 +23,7 @@ PLACES = "What are the interesting places there?"
 SIGHTS = "West Lake, Lingyin Temple and the Grand Canal are worth a visit."
 
 
-def run_chat(args, stdin, env=None, timeout=120):
+def run_chat(args, stdin, env=None, timeout=240):
     return subprocess.run([sys.executable, "-m", "modelscope_llama2", "chat", *args], input=stdin, cwd=REPO_ROOT,
                           capture_output=True, text=True, encoding="utf-8", env=env, timeout=timeout)
 

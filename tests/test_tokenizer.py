@@ -76,3 +76,21 @@ def test_a_tokenizer_without_sentencepiece_model_is_refused():
 def test_encode_refuses_non_strings(tokenizer):
     with pytest.raises(TypeError, match="text: expected a string, got int"):
         tokenizer.encode(3)
+
+
+def test_trained_tokenizers_have_llamas_sentencepiece_settings(tiny_dir):
+    # tests/helpers.py trains the tiny checkpoints' tokenizer with checkpoints.train_tokenizer.
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(os.path.join(tiny_dir, "tokenizer.model"), "rb") as f:
+        proto.ParseFromString(f.read())
+    spec, normalizer = proto.trainer_spec, proto.normalizer_spec
+    assert (spec.model_type, spec.byte_fallback, spec.split_digits) == (spec.BPE, True, True)
+    assert (spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id) == (0, 1, 2, -1)
+    assert (normalizer.name, normalizer.add_dummy_prefix, normalizer.remove_extra_whitespaces) == (
+        "identity", True, False)
+    # Byte fallback: the 256 byte pieces exist, so any text encodes without <unk>.
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(tiny_dir, "tokenizer.model"))
+    assert all(sp.piece_to_id(f"<0x{b:02X}>") != sp.unk_id() for b in range(256))
+    assert sp.unk_id() not in sp.encode("never seen: ℵ 𝔘 ꙮ")

@@ -10,6 +10,7 @@ import threading
 
 import pytest
 
+from modelscope_llama2.engines.base import FINISH_REASONS
 from modelscope_llama2.prompts.prompt import Prompt, SamplingParams
 from tests.helpers import SCRIPT, ForwardLog, assert_usage, without_usage
 
@@ -159,6 +160,7 @@ def _by_request(events):
         ids, finishes = out.setdefault(event.request_id, ([], []))
         ids.extend(event.token_ids)
         if event.finished:
+            assert event.finish_reason in FINISH_REASONS and event.usage is not None, event
             finishes.append(event)
     return out
 

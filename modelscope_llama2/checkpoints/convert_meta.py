@@ -79,6 +79,10 @@ def convert_meta_checkpoint(
     Example:
         >>> convert_meta_checkpoint("llama-2-70b-chat", "out", tokenizer_path="tokenizer.model")  # doctest: +SKIP
         'out'
+        >>> convert_meta_checkpoint(DEMO_DIR, "out")  # not Meta's layout
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: meta_dir: no params.json in ... (expected Meta's release layout)
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")

@@ -95,6 +95,10 @@ def push_checkpoint(
     Example:
         >>> push_checkpoint("ckpt", "me/Llama-2-7b-chat-ms", "v1.0.3", commit_message="fix rope")  # doctest: +SKIP
         '9a1e...'
+        >>> push_checkpoint(DEMO_DIR, "me/Llama-2-7b-chat-ms", "master")
+        Traceback (most recent call last):
+        ...
+        ValueError: tag: 'master' is a branch name, not a release tag
     """
     _check_name("repo_id", repo_id, _REPO_ID, "'owner/name'")
     _check_name("tag", tag, _TAG, "letters, digits, '.', '_' or '-'")
@@ -133,6 +137,10 @@ def fetch_checkpoint(
     Example:
         >>> fetch_checkpoint("me/Llama-2-7b-chat-ms", "v1.0.2", cache_dir="/data/ms")  # doctest: +SKIP
         '/data/ms/models/me--Llama-2-7b-chat-ms/snapshots/v1.0.2'
+        >>> fetch_checkpoint("me/Llama-2-7b-chat-ms", "")
+        Traceback (most recent call last):
+        ...
+        ValueError: revision: expected a tag, branch or commit id, got ''
     """
     from modelscope import snapshot_download  # the same entry point Model.from_pretrained uses
 

@@ -36,7 +36,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..constants import CONTEXT_LENGTH, EOS_ID, PAD_ID
-from ..prompts.prompt import Prompt, SamplingParams
+from ..prompts.prompt import Prompt
 from ..prompts.requests import RESERVED_GENERATION_KEYS
 from .base import Engine, TokenEvent, Usage
 from .prefix_cache import PromptCache
