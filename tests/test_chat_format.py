@@ -7,39 +7,7 @@ from transformers import AutoTokenizer, LlamaTokenizerFast
 
 from modelscope_llama2 import Llama2Tokenizer
 from modelscope_llama2.prompts.chat_format import dialog_from_history, encode_dialog, fit_dialog
-from tests.helpers import ForwardLog, as_meta_dialog, meta_chat_tokens
-
-LONG_HISTORY = [(f"question {i}: what is {i} + {i}?", f"{i} + {i} = {2 * i}.") for i in range(12)]
-
-# (system, history, text): at least 20 dialogs over the cases that trip prompt builders up.
-DIALOGS = [
-    (None, [], "Where is the capital of Zhejiang?"),
-    ("you are a helpful assistant!", [], "Where is the capital of Zhejiang?"),
-    ("you are a helpful assistant!", [("Where is the capital of Zhejiang?", "Hangzhou.")],
-     "What are the interesting places there?"),
-    ("", [], "system is the empty string"),
-    (None, [("hi", "hello")], "system is None"),
-    (None, [], "浙江的省会是哪里？"),
-    ("请用中文回答。", [("你好", "你好！有什么可以帮你？")], "西湖在哪里？"),
-    (None, [], "emoji 😀🎉👍🏽 and a dragon 🐉 and ©®™"),
-    (None, [], "digits 0123456789 and 3.14159 and 2023-07-18"),
-    (None, [], "runs  of   spaces    inside"),
-    (None, [], "   leading and trailing spaces   "),
-    (None, [], "tabs\tin\t\tthe\ttext"),
-    (None, [], "new\nlines\n\nand paragraphs\n"),
-    ("multi-line\nsystem\n\nprompt", [], "hi"),
-    ("  system with spaces  ", [], "  user with spaces  "),
-    (None, [("first", ""), ("second", "  ")], "empty answers in history"),
-    (None, [("", "answer to an empty message")], ""),
-    (None, [], "user text with </s> and <s> in it"),
-    (None, [("tell me </s>", "<s> is plain text too </s>")], "<unk> as well"),
-    ("you are a helpful assistant!", LONG_HISTORY, "and the next one?"),
-    (None, LONG_HISTORY, "long history, no system"),
-    (None, [], "日本語 and 한국어 mixed with English"),
-    ("sys", [("a\tb", "c\nd")], "e  f"),
-    (None, [], "x"),
-]
-
+from tests.helpers import DIALOGS, LONG_HISTORY, ForwardLog, as_meta_dialog, meta_chat_tokens
 
 @pytest.fixture(scope="module")
 def sp(tiny_dir):

@@ -9,25 +9,7 @@ import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from modelscope_llama2 import Llama2Tokenizer
-from tests.helpers import meta_chat_tokens
-from tests.test_chat_format import DIALOGS
-
-# What no chat template can fix: transformers parses "<s>"/"</s>" typed in a
-# message as the special tokens; Meta's (and this package's) encoder keeps them as text.
-TYPED_SPECIALS = ("<s>", "</s>")
-
-
-def as_messages(system, history, text):
-    """A dialog in transformers' message form; a ``system`` of ``""`` stays an (empty) system message."""
-    messages = [] if system is None else [{"role": "system", "content": system}]
-    for user, answer in history:
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-    return messages + [{"role": "user", "content": text}]
-
-
-def has_typed_specials(messages):
-    return any(tag in m["content"] for m in messages for tag in TYPED_SPECIALS)
-
+from tests.helpers import DIALOGS, as_messages, has_typed_specials, meta_chat_tokens
 
 @pytest.fixture(scope="module")
 def saved(tiny_dir, tmp_path_factory):

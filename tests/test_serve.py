@@ -22,7 +22,7 @@ import uvicorn
 from modelscope_llama2.constants import DEMO_DIR
 from modelscope_llama2.serving.server import build_app
 from tests.helpers import as_meta_dialog, meta_chat_tokens
-from tests.test_chat_format import DIALOGS
+from tests.helpers import DIALOGS
 
 KEY = "sk-test-key"
 CAPITAL = "Where is the capital of Zhejiang?"

@@ -20,8 +20,8 @@ pytest.importorskip("vllm")
 from openai import OpenAI  # noqa: E402
 
 from tests.helpers import meta_chat_tokens  # noqa: E402
-from tests.test_chat_format import DIALOGS  # noqa: E402
-from tests.test_saved_chat_template import as_messages, has_typed_specials  # noqa: E402
+from tests.helpers import DIALOGS  # noqa: E402
+from tests.helpers import as_messages, has_typed_specials  # noqa: E402
 
 START_TIMEOUT_S = 300
 

@@ -16,7 +16,7 @@ from modelscope_llama2.decoding import decode_stream  # noqa: E402
 from modelscope_llama2.prompts.chat_format import dialog_from_history, encode_dialog  # noqa: E402
 from modelscope_llama2.prompts.prompt import Prompt, SamplingParams  # noqa: E402
 from tests.helpers import as_meta_dialog, meta_chat_tokens  # noqa: E402
-from tests.test_chat_format import DIALOGS  # noqa: E402
+from tests.helpers import DIALOGS  # noqa: E402
 
 GREEDY = {"do_sample": False}
 # Dialogs the demo checkpoint was trained on (short answers ending in EOS) and
