@@ -138,16 +138,26 @@ def respond(backend: Backend, conversation: Conversation, text: str, system: Opt
     except ChatError as error:
         yield Update(Conversation(rounds), note=f"⚠️ {error}", draft=text)
         return
-    yield Update(Conversation((*rounds, (text, last.text))), note=finish_note(last, settings))
+    yield Update(Conversation((*rounds, (text, last.text))), note=finish_note(last, settings, backend.context_length))
 
 
-def finish_note(last: Partial, settings: Settings) -> str:
-    """The note under a finished answer: dropped rounds, a cut answer, token counts."""
+def finish_note(last: Partial, settings: Settings, context_length: int) -> str:
+    """The note under a finished answer: dropped rounds, a cut answer, token counts.
+
+    Example:
+        >>> print(finish_note(Partial("Hi", "length", 1, Usage(90, 6)), Settings(max_new_tokens=6), 96))
+        ℹ️ The 1 oldest round was left out of the prompt: with 6 tokens kept for the answer, the conversation did not fit in the context of 96 tokens.
+        <BLANKLINE>
+        ℹ️ The answer was cut at the limit of 6 new tokens.
+        <BLANKLINE>
+        90 prompt tokens (0 cached), 6 generated
+    """
     lines = []
     if last.dropped_rounds:
-        rounds = "round" if last.dropped_rounds == 1 else f"{last.dropped_rounds} rounds"
-        lines.append(f"ℹ️ The oldest {rounds} of this conversation did not fit in the context with "
-                     f"{settings.max_new_tokens} tokens kept for the answer, so this answer did not see them.")
+        rounds = "round was" if last.dropped_rounds == 1 else "rounds were"
+        lines.append(f"ℹ️ The {last.dropped_rounds} oldest {rounds} left out of the prompt: with "
+                     f"{settings.max_new_tokens} tokens kept for the answer, the conversation did not fit in the "
+                     f"context of {context_length} tokens.")
     if last.finish_reason == "length":
         lines.append(f"ℹ️ The answer was cut at the limit of {settings.max_new_tokens} new tokens.")
     if last.usage is not None:
@@ -213,12 +223,20 @@ def sampling_inputs(settings: Settings) -> Dict[str, Any]:
             "top_p": settings.top_p}
 
 
-def default_settings(generation_config: Any) -> Settings:
-    """The controls' initial values from a checkpoint's ``GenerationConfig`` (greedy unless it samples)."""
-    max_new_tokens = generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-    if not generation_config.do_sample:
-        return Settings(max_new_tokens, 0.0, generation_config.top_p or 1.0)
-    return Settings(max_new_tokens, generation_config.temperature or 1.0, generation_config.top_p or 1.0)
+def default_settings(model_dir: Optional[str]) -> Settings:
+    """The controls' initial values from a checkpoint's ``generation_config.json`` (greedy unless it samples).
+
+    Example:
+        >>> from modelscope_llama2.constants import DEMO_DIR
+        >>> default_settings(DEMO_DIR)
+        Settings(max_new_tokens=1024, temperature=0.0, top_p=1.0)
+    """
+    from transformers import GenerationConfig
+
+    has_config = model_dir is not None and os.path.isfile(os.path.join(model_dir, "generation_config.json"))
+    config = GenerationConfig.from_pretrained(model_dir) if has_config else GenerationConfig()
+    temperature = (config.temperature or 1.0) if config.do_sample else 0.0
+    return Settings(config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, temperature, config.top_p or 1.0)
 
 
 # -- backends ------------------------------------------------------------------
@@ -227,15 +245,15 @@ def default_settings(generation_config: Any) -> Settings:
 class LocalBackend:
     """Answers in this process through the ModelScope facade: ``model.stream_chat(inputs, tokenizer)``."""
 
-    # One generate() at a time on the shared weights; other tabs wait their turn.
+    # One generation at a time on the shared weights; other tabs wait their turn.
     concurrency_limit = 1
 
     def __init__(self, model: Any, tokenizer: Any, description: str = ""):
         self.model = model
         self.tokenizer = tokenizer
         self.description = description
-        self.context_length = model.config.max_position_embeddings
-        self.defaults = default_settings(model.generation_config)
+        self.context_length = model.engine.context_length
+        self.defaults = default_settings(model.model_dir)
 
     def stream(self, system: Optional[str], rounds: Sequence[Round], text: str,
                settings: Settings) -> Iterator[Partial]:
@@ -244,11 +262,13 @@ class LocalBackend:
             outputs = self.model.stream_chat(inputs, self.tokenizer)  # checks the input before returning
         except (ValueError, TypeError) as error:
             raise ChatError(str(error)) from error
-        # Closing the outputs ends generate() at the next token: Stop frees the model at once.
+        # Closing the outputs ends generation at the next token: Stop frees the model at once.
         with closing(outputs):
             for output in outputs:
-                yield Partial(output["response"], output["finish_reason"], output.get("dropped_rounds") or 0,
-                              output.get("usage"))
+                usage = output["usage"]
+                yield Partial(output["response"], output["finish_reason"], output["dropped_rounds"],
+                              None if usage is None else Usage(usage["prompt_tokens"], usage["completion_tokens"],
+                                                               usage["cached_tokens"]))
 
 
 class OpenAIBackend:
@@ -330,8 +350,6 @@ def openai_backend(api_base: str, api_key: Optional[str] = None, model: Optional
     a local checkpoint dir, its ``generation_config.json`` gives the defaults.
     """
     openai = _require("openai")
-    from transformers import GenerationConfig
-
     client = openai.OpenAI(base_url=api_base, api_key=api_key or os.environ.get(API_KEY_ENV) or "none",
                            max_retries=0)
     try:
@@ -343,10 +361,8 @@ def openai_backend(api_base: str, api_key: Optional[str] = None, model: Optional
     name = model or served[0]
     if name not in served:
         raise ValueError(f"--model {name}: the server at {api_base} serves {served}")
-    model_dir = os.path.expanduser(model) if model else None
-    config = GenerationConfig.from_pretrained(model_dir) if model_dir and os.path.isdir(model_dir) \
-        else GenerationConfig()
-    return OpenAIBackend(client, name, default_settings(config), f"Model: `{name}`, served at {api_base}.")
+    defaults = default_settings(os.path.expanduser(model) if model else None)
+    return OpenAIBackend(client, name, defaults, f"Model: `{name}`, served at {api_base}.")
 
 
 def _require(module: str) -> Any:
@@ -360,9 +376,6 @@ def _require(module: str) -> Any:
 
 # -- the page ------------------------------------------------------------------
 
-CSS = "#note p { margin: 0.2em 0; }"
-
-
 def build_demo(backend: Backend, title: str = "Llama 2 chat") -> Any:
     """The Gradio app (``gr.Blocks``) chatting with ``backend``; ``demo.launch()`` serves it."""
     # No usage reports to Gradio's servers from a local chat page.
@@ -370,22 +383,23 @@ def build_demo(backend: Backend, title: str = "Llama 2 chat") -> Any:
     gr = _require("gradio")
 
     defaults = backend.defaults
-    with gr.Blocks(title=title, css=CSS) as demo:
+    with gr.Blocks(title=title) as demo:
         gr.Markdown(f"## {title}\n{backend.description}")
-        chatbot = gr.Chatbot(label="Chat", editable="all", height=460, elem_id="chat",
-                             placeholder="Ask something, e.g. *Where is the capital of Zhejiang?*")
-        note = gr.Markdown(elem_id="note")
         with gr.Row():
-            message = gr.Textbox(show_label=False, placeholder="Type a message and press Enter", scale=8,
-                                 elem_id="message", autofocus=True)
-            send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
-            stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="stop")
-        with gr.Row():
-            retry = gr.Button("Retry", size="sm", elem_id="retry")
-            clear = gr.Button("Clear", size="sm", elem_id="clear")
-        with gr.Accordion("System prompt and generation settings", open=True):
-            system = gr.Textbox(label="System prompt", placeholder="none", lines=2, elem_id="system")
-            with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="Chat", editable="all", height=520, elem_id="chat",
+                                     placeholder="Ask something, e.g. *Where is the capital of Zhejiang?*")
+                note = gr.Markdown(elem_id="note")
+                with gr.Row():
+                    message = gr.Textbox(show_label=False, placeholder="Type a message and press Enter",
+                                         scale=6, elem_id="message", autofocus=True)
+                    send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
+                    stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="stop")
+                with gr.Row():
+                    retry = gr.Button("Retry", size="sm", elem_id="retry")
+                    clear = gr.Button("Clear", size="sm", elem_id="clear")
+            with gr.Column(scale=1, min_width=260):
+                system = gr.Textbox(label="System prompt", placeholder="none", lines=4, elem_id="system")
                 max_new_tokens = gr.Slider(1, backend.context_length - 1, value=defaults.max_new_tokens, step=1,
                                            label="Max new tokens", elem_id="max-new-tokens")
                 temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05,
@@ -463,7 +477,13 @@ def run(model: Optional[str], revision: Optional[str], api_base: Optional[str], 
 
     # ModelScope logs each load step at INFO; the page's URL is what matters.
     logging.getLogger("modelscope").setLevel(logging.WARNING)
-    backend = openai_backend(api_base, api_key, model) if api_base else local_backend(model, revision, device,
-                                                                                      dtype)
+    if api_base:
+        unused = {"--revision": revision, "--device": device, "--dtype": None if dtype == "auto" else dtype}
+        for option, value in unused.items():
+            if value is not None:
+                raise ValueError(f"{option}: the server at --api-base loads the model; give {option} to `serve`")
+        backend = openai_backend(api_base, api_key, model)
+    else:
+        backend = local_backend(model, revision, device, dtype)
     build_demo(backend).queue().launch(server_name=host, server_port=port, share=share)
     return 0
