@@ -387,7 +387,7 @@ def build_demo(backend: Backend, title: str = "Llama 2 chat") -> Any:
         gr.Markdown(f"## {title}\n{backend.description}")
         with gr.Row():
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="Chat", editable="all", height=520, elem_id="chat",
+                chatbot = gr.Chatbot(label="Chat", editable="all", height=None, min_height=480, max_height=780, elem_id="chat",
                                      placeholder="Ask something, e.g. *Where is the capital of Zhejiang?*")
                 note = gr.Markdown(elem_id="note")
                 with gr.Row():
