@@ -7,9 +7,10 @@ in the page's note against Meta's prompt of exactly the history the page
 shows (so what is shown is what the model got). The screenshot for the
 README is saved to ``docs/web-chat.png``.
 
-Skipped only where Chromium (``/usr/bin/chromium``, or ``$CHROMIUM``) is
-missing; ``.ci/web.sh`` sets ``MODELSCOPE_LLAMA2_BROWSER_TESTS=required`` so
-that in CI a missing browser fails instead.
+Skipped where Chromium (``/usr/bin/chromium``, or ``$CHROMIUM``), or the
+``[web]`` extra and Playwright, are missing (as in CI's core step);
+``.ci/web.sh`` installs them and sets ``MODELSCOPE_LLAMA2_BROWSER_TESTS=required``,
+so that there a missing piece fails instead.
 """
 
 import json
@@ -27,12 +28,13 @@ from modelscope_llama2.prompts.chat_format import dialog_from_history, fit_dialo
 from tests.tiny_checkpoint import REPO_ROOT
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-if not os.path.exists(CHROMIUM):
-    if os.environ.get("MODELSCOPE_LLAMA2_BROWSER_TESTS") == "required":
-        raise RuntimeError(f"{CHROMIUM} is missing: install Debian's chromium (see .ci/web.sh)")
-    pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
-pytest.importorskip("gradio", reason="the web extra is not installed: pip install -e '.[web]'")
-sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+# CI's web step needs them all: there a missing piece fails the tests instead of skipping them.
+if os.environ.get("MODELSCOPE_LLAMA2_BROWSER_TESTS") != "required":
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+    pytest.importorskip("gradio", reason="the web extra is not installed: pip install -e '.[web]' playwright")
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
+from playwright.sync_api import sync_playwright  # noqa: E402
 
 ZHEJIANG = "Where is the capital of Zhejiang?"
 HANGZHOU = "The capital of Zhejiang Province is Hangzhou."
@@ -350,3 +352,26 @@ def test_studio_app_defaults_and_stop(browser, tmp_path, tiny_dir):
     finally:
         tab.close()
         app.stop()
+
+
+def test_through_a_running_server(browser, tmp_path, demo_tokenizer):
+    """``web --api-base``: the page answers through the real ``serve`` (in a thread here) with the openai SDK."""
+    from modelscope_llama2.serving.server import build_app
+    from tests.test_serve import running_server
+
+    with running_server(build_app(DEMO_DIR, "demo", api_key="sk-web")) as url:
+        app = App(["-m", "modelscope_llama2", "web", "--port", "{port}", "--api-base", url + "/v1"],
+                  str(tmp_path / "app.log"), env={"MODELSCOPE_LLAMA2_API_KEY": "sk-web"})
+        tab = ChatPage(browser, app.url)
+        try:
+            assert f"served at {url}/v1" in tab.page.inner_text("body")
+            tab.set_system(ONE_WORD)
+            tab.send(ZHEJIANG)
+            tab.wait_for_answer([(ZHEJIANG, "Hangzhou.")])
+            tab.send(PLACES)
+            tab.wait_for_answer([(ZHEJIANG, "Hangzhou."), (PLACES, SIGHTS)])
+            assert tab.prompt_tokens() == meta_prompt(demo_tokenizer, ONE_WORD, [(ZHEJIANG, "Hangzhou.")],
+                                                      PLACES)[0]
+        finally:
+            tab.close()
+            app.stop()

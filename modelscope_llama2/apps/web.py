@@ -275,12 +275,13 @@ class OpenAIBackend:
     """Answers through a running ``python -m modelscope_llama2 serve`` (or any OpenAI-compatible server)."""
 
     concurrency_limit = API_CONCURRENCY
-    context_length = CONTEXT_LENGTH
 
-    def __init__(self, client: Any, model: str, defaults: Settings, description: str = ""):
+    def __init__(self, client: Any, model: str, defaults: Settings, context_length: int = CONTEXT_LENGTH,
+                 description: str = ""):
         self.client = client
         self.model = model
         self.defaults = defaults
+        self.context_length = context_length
         self.description = description
 
     def stream(self, system: Optional[str], rounds: Sequence[Round], text: str,
@@ -353,16 +354,18 @@ def openai_backend(api_base: str, api_key: Optional[str] = None, model: Optional
     client = openai.OpenAI(base_url=api_base, api_key=api_key or os.environ.get(API_KEY_ENV) or "none",
                            max_retries=0)
     try:
-        served = [entry.id for entry in client.models.list()]
+        served = {entry.id: entry for entry in client.models.list()}
     except openai.APIError as error:
         raise RuntimeError(f"--api-base {api_base}: could not list the server's models: {error}") from error
     if not served:
         raise RuntimeError(f"--api-base {api_base}: the server lists no models")
-    name = model or served[0]
+    name = model or next(iter(served))
     if name not in served:
-        raise ValueError(f"--model {name}: the server at {api_base} serves {served}")
+        raise ValueError(f"--model {name}: the server at {api_base} serves {sorted(served)}")
+    # vLLM's extension of the model card, which `serve` sends too.
+    context_length = (served[name].model_extra or {}).get("max_model_len") or CONTEXT_LENGTH
     defaults = default_settings(os.path.expanduser(model) if model else None)
-    return OpenAIBackend(client, name, defaults, f"Model: `{name}`, served at {api_base}.")
+    return OpenAIBackend(client, name, defaults, context_length, f"Model: `{name}`, served at {api_base}.")
 
 
 def _require(module: str) -> Any:
