@@ -8,7 +8,7 @@ at the top of its repo, with a ``requirements.txt`` holding
 Locally (the page is at http://127.0.0.1:7860)::
 
     python examples/app.py                                          # the offline demo checkpoint
-    MODEL_ID=modelscope/Llama-2-7b-chat-ms python examples/app.py   # a real model (a GPU, float16)
+    MODEL_ID=modelscope/Llama-2-13b-chat-ms DTYPE=float16 python examples/app.py   # the real model, on a GPU
 
 ``MODEL_ID`` is a ModelScope model id or a local checkpoint dir (without it:
 the demo checkpoint); ``MODEL_REVISION``, ``DEVICE`` (``cpu``, ``gpu``,

@@ -11,8 +11,9 @@ The answers come from one of two backends:
 Each browser tab is its own conversation (Gradio's per-session state). The
 page shows exactly what the next prompt is built from: the system prompt box
 and the rounds in the chat, edits and retries included. When the oldest
-rounds do not fit in the context with room for the answer, the model leaves
-them out of the prompt and a note under the chat says so.
+rounds do not fit in the context with room for the answer, they are left
+out of the prompt (in this process a note under the chat says how many;
+``serve`` drops them too but does not report the count).
 
 The conversation logic (:class:`Conversation`, :func:`respond`, :func:`rewind`,
 :func:`edit`) is plain Python, apart from the Gradio layout (:func:`build_demo`)::
@@ -23,15 +24,16 @@ The conversation logic (:class:`Conversation`, :func:`respond`, :func:`rewind`,
      {'role': 'user', 'content': 'Where is the capital of Zhejiang?'}]
 """
 
+import logging
 import os
 from contextlib import closing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 from ..constants import CONTEXT_LENGTH
 from ..engines.base import Usage
 from ..prompts.chat_format import dialog_from_history
-from .terminal import DEMO_NOTICE, DTYPES, load_pipeline, resolve_model_dir
+from .terminal import DEMO_NOTICE, load_pipeline, resolve_model_dir
 
 Round = Tuple[str, str]
 
@@ -71,7 +73,7 @@ class Partial:
     """What a backend streams: the answer so far; the last one has ``finish_reason`` and ``usage``.
 
     ``dropped_rounds``: how many of the oldest rounds were left out of the
-    prompt to fit the context.
+    prompt to fit the context (always 0 through a server, which does not say).
     """
 
     text: str
@@ -138,16 +140,15 @@ def respond(backend: Backend, conversation: Conversation, text: str, system: Opt
     except ChatError as error:
         yield Update(Conversation(rounds), note=f"⚠️ {error}", draft=text)
         return
-    yield Update(Conversation((*rounds, (text, last.text))), note=finish_note(last, settings, backend.context_length))
+    note = finish_note(last, settings, backend.context_length)
+    yield Update(Conversation((*rounds, (text, last.text))), note=note)
 
 
 def finish_note(last: Partial, settings: Settings, context_length: int) -> str:
     """The note under a finished answer: dropped rounds, a cut answer, token counts.
 
     Example:
-        >>> print(finish_note(Partial("Hi", "length", 1, Usage(90, 6)), Settings(max_new_tokens=6), 96))
-        ℹ️ The 1 oldest round was left out of the prompt: with 6 tokens kept for the answer, the conversation did not fit in the context of 96 tokens.
-        <BLANKLINE>
+        >>> print(finish_note(Partial("Hi", "length", 0, Usage(90, 6)), Settings(max_new_tokens=6), 4096))
         ℹ️ The answer was cut at the limit of 6 new tokens.
         <BLANKLINE>
         90 prompt tokens (0 cached), 6 generated
@@ -308,7 +309,7 @@ class OpenAIBackend:
 
 def _stream_chunks(chunks: Iterator[Any]) -> Iterator[Partial]:
     """Partials from OpenAI chat completion chunks: the deltas joined, then finish reason and usage."""
-    text, finish_reason, usage = "", None, None
+    text, shown, finish_reason, usage = "", "", None, None
     for chunk in chunks:
         if chunk.usage is not None:
             details = chunk.usage.prompt_tokens_details
@@ -318,11 +319,12 @@ def _stream_chunks(chunks: Iterator[Any]) -> Iterator[Partial]:
             continue
         choice = chunk.choices[0]
         finish_reason = choice.finish_reason or finish_reason
-        if choice.delta.content:
-            text += choice.delta.content
-            # Meta's format strips each answer, so the page shows it stripped too.
-            yield Partial(text.strip())
-    yield Partial(text.strip(), finish_reason or "stop", 0, usage)
+        text += choice.delta.content or ""
+        # Meta's format strips each answer, so the page shows it stripped too.
+        if text.strip() != shown:
+            shown = text.strip()
+            yield Partial(shown)
+    yield Partial(shown, finish_reason or "stop", 0, usage)
 
 
 def _api_message(error: Any) -> str:
@@ -390,7 +392,9 @@ def build_demo(backend: Backend, title: str = "Llama 2 chat") -> Any:
         gr.Markdown(f"## {title}\n{backend.description}")
         with gr.Row():
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="Chat", editable="all", height=None, min_height=480, max_height=780, elem_id="chat",
+                # Grows with the conversation up to max_height, then scrolls.
+                chatbot = gr.Chatbot(label="Chat", editable="all", height=None, min_height=480, max_height=780,
+                                     elem_id="chat",
                                      placeholder="Ask something, e.g. *Where is the capital of Zhejiang?*")
                 note = gr.Markdown(elem_id="note")
                 with gr.Row():
@@ -433,7 +437,7 @@ def build_demo(backend: Backend, title: str = "Llama 2 chat") -> Any:
             yield from answer(*rewind(conversation, data.index), *controls)
 
         def on_edit(data: gr.EditData, conversation: Conversation, *controls: Any) -> Iterator[tuple]:
-            edited, text = edit(conversation, data.index, _message_text(data.value))
+            edited, text = edit(conversation, data.index, data.value)  # the edited text
             if text is None:
                 yield show(Update(edited))
             else:
@@ -465,19 +469,9 @@ def build_demo(backend: Backend, title: str = "Llama 2 chat") -> Any:
     return demo
 
 
-def _message_text(value: Any) -> str:
-    """The text of an edited message as Gradio reports it: a string or a list of content parts."""
-    if isinstance(value, str):
-        return value
-    parts = value if isinstance(value, list) else [value]
-    return "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in parts)
-
-
 def run(model: Optional[str], revision: Optional[str], api_base: Optional[str], api_key: Optional[str],
         host: str, port: int, share: bool, device: Optional[str], dtype: str) -> int:
     """Serve the web chat until interrupted; see the module docstring."""
-    import logging
-
     # ModelScope logs each load step at INFO; the page's URL is what matters.
     logging.getLogger("modelscope").setLevel(logging.WARNING)
     if api_base:
@@ -488,5 +482,9 @@ def run(model: Optional[str], revision: Optional[str], api_base: Optional[str], 
         backend = openai_backend(api_base, api_key, model)
     else:
         backend = local_backend(model, revision, device, dtype)
+    if share or host != "127.0.0.1":
+        # The page has no login: whoever reaches it can use the model (and the server's key).
+        logging.getLogger(__name__).warning("the web chat has no login; with %s anyone who reaches it can use it",
+                                            "--share true" if share else f"--host {host}")
     build_demo(backend).queue().launch(server_name=host, server_port=port, share=share)
     return 0
