@@ -113,6 +113,10 @@ def test_respond_streams_and_state_is_what_is_shown(demo_backend):
     prompt_tokens = meta_prompt_length(demo_backend.tokenizer, ONE_WORD_SYSTEM, (), ZHEJIANG)[0]
     assert answered.note.startswith(f"{prompt_tokens} prompt tokens (")
 
+    # A temperature above 0 samples, with top_p.
+    sampled = list(respond(demo_backend, Conversation(), ZHEJIANG, None, Settings(8, 0.7, 0.9)))[-1]
+    assert sampled.note.endswith(" generated") and len(sampled.conversation.rounds) == 1
+
 
 def test_refused_message_is_given_back(demo_backend):
     conversation = Conversation(((ZHEJIANG, HANGZHOU),))
@@ -226,6 +230,8 @@ def test_api_backend_answers_through_serve(demo_server, demo_backend):
     prompt_tokens, dropped = meta_prompt_length(demo_backend.tokenizer, None, rounds, ZHEJIANG, 4000)
     assert dropped > 0 and last.conversation.rounds[-1] == (ZHEJIANG, HANGZHOU)
     assert last.note.startswith(f"{prompt_tokens} prompt tokens (")
+    sampled = list(respond(backend, Conversation(), ZHEJIANG, None, Settings(8, 0.7, 0.9)))[-1]
+    assert sampled.note.endswith(" generated") and len(sampled.conversation.rounds) == 1
 
 
 def test_api_backend_errors(demo_server):
