@@ -13,7 +13,6 @@ Skipped where Chromium (``/usr/bin/chromium``, or ``$CHROMIUM``), or the
 so that there a missing piece fails instead.
 """
 
-import json
 import os
 import re
 import socket
@@ -124,7 +123,7 @@ class ChatPage:
 
     def set_system(self, text):
         self.page.fill("#system textarea", text)
-        self.page.press("#system textarea", "Tab")  # the box sends its value when it loses focus
+        self.page.press("#system textarea", "Tab")
 
     def set_number(self, elem_id, value):
         field = self.page.locator(f"#{elem_id} input[type=number]")
