@@ -3,7 +3,6 @@
 The page itself is driven in a real browser in ``test_web_browser.py``.
 """
 
-import doctest
 import threading
 
 import pytest
@@ -52,10 +51,6 @@ def meta_prompt_length(tokenizer, system, rounds, text, max_new_tokens=None):
         return len(encode_dialog(dialog, sp.encode, 1, 2)), 0
     ids, dropped = fit_dialog(dialog, sp.encode, 1, 2, budget=CONTEXT_LENGTH - max_new_tokens)
     return len(ids), dropped
-
-
-def test_docstring_examples():
-    assert doctest.testmod(web, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
 
 
 def test_conversation_edits():

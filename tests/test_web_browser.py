@@ -24,7 +24,7 @@ import pytest
 
 from modelscope_llama2.constants import CONTEXT_LENGTH, DEMO_DIR
 from modelscope_llama2.prompts.chat_format import dialog_from_history, fit_dialog
-from tests.tiny_checkpoint import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # CI's web step needs them all: there a missing piece fails the tests instead of skipping them.
