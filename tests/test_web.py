@@ -22,14 +22,14 @@ from modelscope_llama2.apps.web import (
     stopped,
 )
 from modelscope_llama2.cli import main
-from modelscope_llama2.constants import CONTEXT_LENGTH, DEMO_DIR
-from modelscope_llama2.prompts.chat_format import dialog_from_history, encode_dialog, fit_dialog
+from modelscope_llama2.constants import BOS_ID, CONTEXT_LENGTH, DEMO_DIR, EOS_ID
+from modelscope_llama2.prompts.chat_format import dialog_from_history, fit_dialog
 
 ZHEJIANG = "Where is the capital of Zhejiang?"
 HANGZHOU = "The capital of Zhejiang Province is Hangzhou."
 PLACES = "What are the interesting places there?"
 SIGHTS = "West Lake, Lingyin Temple and the Grand Canal are worth a visit."
-ONE_WORD_SYSTEM = "Answer in one word."
+ONE_WORD = "Answer in one word."
 GREEDY = Settings(max_new_tokens=64)
 
 
@@ -43,13 +43,10 @@ def demo_backend():
     return LocalBackend(Model.from_pretrained(DEMO_DIR, device="cpu"), Llama2Tokenizer.from_pretrained(DEMO_DIR))
 
 
-def meta_prompt_length(tokenizer, system, rounds, text, max_new_tokens=None):
-    """(Meta-exact prompt length, rounds dropped) for a conversation, as the page's note should report it."""
-    dialog = dialog_from_history(text, rounds, system)
-    sp = tokenizer.sp_model
-    if max_new_tokens is None:
-        return len(encode_dialog(dialog, sp.encode, 1, 2)), 0
-    ids, dropped = fit_dialog(dialog, sp.encode, 1, 2, budget=CONTEXT_LENGTH - max_new_tokens)
+def meta_prompt(tokenizer, system, rounds, text, max_new_tokens=web.DEFAULT_MAX_NEW_TOKENS):
+    """(token count, rounds dropped) of Meta's prompt for this history, fitted to the context as the model fits it."""
+    ids, dropped = fit_dialog(dialog_from_history(text, rounds, system), tokenizer.sp_model.encode, BOS_ID, EOS_ID,
+                              budget=CONTEXT_LENGTH - max_new_tokens)
     return len(ids), dropped
 
 
@@ -92,20 +89,20 @@ def test_respond_streams_and_state_is_what_is_shown(demo_backend):
     assert all(update.draft is None for update in updates[1:])
     assert all(update.conversation.rounds[:-1] == () for update in updates[1:])
     first = updates[-1]
-    prompt_tokens = meta_prompt_length(demo_backend.tokenizer, None, (), ZHEJIANG)[0]
+    prompt_tokens = meta_prompt(demo_backend.tokenizer, None, (), ZHEJIANG)[0]
     answer_tokens = len(demo_backend.tokenizer.sp_model.encode(HANGZHOU)) + 1  # and EOS
     assert first.note == f"{prompt_tokens} prompt tokens (0 cached), {answer_tokens} generated"
 
     # The next turn is built from the shown rounds: Meta's prompt of exactly that history.
     last = list(respond(demo_backend, first.conversation, PLACES, "", GREEDY))[-1]
     assert last.conversation == Conversation(((ZHEJIANG, HANGZHOU), (PLACES, SIGHTS)))
-    prompt_tokens = meta_prompt_length(demo_backend.tokenizer, None, ((ZHEJIANG, HANGZHOU),), PLACES)[0]
+    prompt_tokens = meta_prompt(demo_backend.tokenizer, None, ((ZHEJIANG, HANGZHOU),), PLACES)[0]
     assert last.note.startswith(f"{prompt_tokens} prompt tokens (")
 
     # The system prompt box goes into the prompt too.
-    answered = list(respond(demo_backend, Conversation(), ZHEJIANG, ONE_WORD_SYSTEM, GREEDY))[-1]
+    answered = list(respond(demo_backend, Conversation(), ZHEJIANG, ONE_WORD, GREEDY))[-1]
     assert answered.conversation.rounds == ((ZHEJIANG, "Hangzhou."),)
-    prompt_tokens = meta_prompt_length(demo_backend.tokenizer, ONE_WORD_SYSTEM, (), ZHEJIANG)[0]
+    prompt_tokens = meta_prompt(demo_backend.tokenizer, ONE_WORD, (), ZHEJIANG)[0]
     assert answered.note.startswith(f"{prompt_tokens} prompt tokens (")
 
     # A temperature above 0 samples, with top_p.
@@ -128,7 +125,7 @@ def test_note_says_when_old_rounds_were_dropped(demo_backend):
     settings = Settings(max_new_tokens=4000)
     conversation, notes = Conversation(), []
     for question in (ZHEJIANG, PLACES, "浙江的省会在哪里？", "Say hello in emoji."):
-        expected = meta_prompt_length(demo_backend.tokenizer, None, conversation.rounds, question, 4000)
+        expected = meta_prompt(demo_backend.tokenizer, None, conversation.rounds, question, 4000)
         last = list(respond(demo_backend, conversation, question, None, settings))[-1]
         conversation = last.conversation
         notes.append((expected, last.note))
@@ -163,7 +160,7 @@ def test_stopping_keeps_the_shown_answer_and_frees_the_model(tiny_dir):
     assert conversation == shown.conversation
     # The next turn's prompt holds the stopped answer exactly as shown.
     last = list(respond(backend, conversation, "Hello", None, Settings(max_new_tokens=5)))[-1]
-    prompt_tokens = meta_prompt_length(backend.tokenizer, None, conversation.rounds, "Hello")[0]
+    prompt_tokens = meta_prompt(backend.tokenizer, None, conversation.rounds, "Hello")[0]
     assert last.note.split("\n\n") == ["ℹ️ The answer was cut at the limit of 5 new tokens.",
                                        f"{prompt_tokens} prompt tokens ({last.note.split('(')[1].split()[0]} "
                                        "cached), 5 generated"]
@@ -215,14 +212,14 @@ def test_api_backend_answers_through_serve(demo_server, demo_backend):
     updates = list(respond(backend, Conversation(), ZHEJIANG, None, GREEDY))
     answers = [update.conversation.rounds[-1][1] for update in updates[1:]]
     assert answers[-1] == HANGZHOU and len(set(answers)) > 3 and all(HANGZHOU.startswith(a) for a in answers)
-    last = list(respond(backend, updates[-1].conversation, PLACES, ONE_WORD_SYSTEM, GREEDY))[-1]
+    last = list(respond(backend, updates[-1].conversation, PLACES, ONE_WORD, GREEDY))[-1]
     assert last.conversation == Conversation(((ZHEJIANG, HANGZHOU), (PLACES, SIGHTS)))
-    prompt_tokens = meta_prompt_length(demo_backend.tokenizer, ONE_WORD_SYSTEM, ((ZHEJIANG, HANGZHOU),), PLACES)[0]
+    prompt_tokens = meta_prompt(demo_backend.tokenizer, ONE_WORD, ((ZHEJIANG, HANGZHOU),), PLACES)[0]
     assert last.note.startswith(f"{prompt_tokens} prompt tokens (")
     # A conversation too long for the context: the server drops the oldest rounds, as the model does.
     rounds = ((ZHEJIANG, HANGZHOU), (PLACES, SIGHTS)) * 2
     last = list(respond(backend, Conversation(rounds), ZHEJIANG, None, Settings(max_new_tokens=4000)))[-1]
-    prompt_tokens, dropped = meta_prompt_length(demo_backend.tokenizer, None, rounds, ZHEJIANG, 4000)
+    prompt_tokens, dropped = meta_prompt(demo_backend.tokenizer, None, rounds, ZHEJIANG, 4000)
     assert dropped > 0 and last.conversation.rounds[-1] == (ZHEJIANG, HANGZHOU)
     assert last.note.startswith(f"{prompt_tokens} prompt tokens (")
     sampled = list(respond(backend, Conversation(), ZHEJIANG, None, Settings(8, 0.7, 0.9)))[-1]

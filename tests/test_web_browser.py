@@ -22,9 +22,9 @@ import time
 
 import pytest
 
-from modelscope_llama2.constants import CONTEXT_LENGTH, DEMO_DIR
-from modelscope_llama2.prompts.chat_format import dialog_from_history, fit_dialog
+from modelscope_llama2.constants import DEMO_DIR
 from tests.helpers import REPO_ROOT
+from tests.test_web import HANGZHOU, ONE_WORD, PLACES, SIGHTS, ZHEJIANG, meta_prompt
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # CI's web step needs them all: there a missing piece fails the tests instead of skipping them.
@@ -35,13 +35,8 @@ if os.environ.get("MODELSCOPE_LLAMA2_BROWSER_TESTS") != "required":
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
 from playwright.sync_api import sync_playwright  # noqa: E402
 
-ZHEJIANG = "Where is the capital of Zhejiang?"
-HANGZHOU = "The capital of Zhejiang Province is Hangzhou."
-PLACES = "What are the interesting places there?"
-SIGHTS = "West Lake, Lingyin Temple and the Grand Canal are worth a visit."
 CHINESE = ("浙江的省会在哪里？", "浙江的省会是杭州。")
 EMOJI = ("Say hello in emoji.", "👋🦙😀")
-ONE_WORD = "Answer in one word."
 SCREENSHOT = os.path.join(REPO_ROOT, "docs", "web-chat.png")
 # Generous: the machine may be shared and slow; waits end as soon as their condition holds.
 START_TIMEOUT_S = 240
@@ -192,13 +187,6 @@ def demo_tokenizer():
     from modelscope_llama2 import Llama2Tokenizer
 
     return Llama2Tokenizer.from_pretrained(DEMO_DIR)
-
-
-def meta_prompt(tokenizer, system, rounds, text, max_new_tokens=1024):
-    """(token count, rounds dropped) of Meta's prompt for this history, fitted as the model fits it."""
-    ids, dropped = fit_dialog(dialog_from_history(text, rounds, system), tokenizer.sp_model.encode, 1, 2,
-                              budget=CONTEXT_LENGTH - max_new_tokens)
-    return len(ids), dropped
 
 
 def test_two_turn_conversation_streams_and_is_saved_as_screenshot(tab, demo_tokenizer):
