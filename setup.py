@@ -37,7 +37,7 @@ setup(
         # Scale-out on Ray Serve: serve --replicas N
         "ray": ["ray[serve]>=2.50", "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
         # Web chat: python -m modelscope_llama2 web
-        "web": ["gradio>=5", "openai>=1.40"],
+        "web": ["gradio>=6,<7", "openai>=1.40"],
     },
     entry_points={"console_scripts": ["modelscope-llama2=modelscope_llama2.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""``python -m modelscope_llama2 {chat,serve,push,download,convert}``.
+"""``python -m modelscope_llama2 {chat,serve,web,push,download,convert}``.
 
 Each subcommand is a thin argument parser over a public function of the
 package; errors are reported as one line on stderr with exit status 1.
@@ -69,6 +69,46 @@ def _run_serve(args: argparse.Namespace) -> int:
                     max_running=args.max_running, max_waiting=args.max_waiting)
     run(app, args.host, args.port, args.api_key)
     return 0
+
+
+def _add_web(subparsers) -> None:
+    from .apps.terminal import DTYPES
+
+    parser = subparsers.add_parser(
+        "web", help="chat in the browser (a Gradio page)",
+        description="Serve a web chat page: in this process on a checkpoint (without --model, the offline demo "
+                    "checkpoint), or as a client of a running `serve` (--api-base). Each browser tab is its own "
+                    "conversation.",
+    )
+    parser.add_argument("--model", help="ModelScope model id or local checkpoint dir (default: the demo "
+                                         "checkpoint); with --api-base, the served model name")
+    parser.add_argument("--revision", help="hub revision (tag, branch or commit) of --model")
+    parser.add_argument("--api-base", help="answer through this OpenAI-compatible server instead, e.g. "
+                                           "http://127.0.0.1:8000/v1")
+    parser.add_argument("--api-key", help="the server's API key (default: $MODELSCOPE_LLAMA2_API_KEY)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine "
+                                                            "only)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    parser.add_argument("--share", type=_boolean, default=False, metavar="{true,false}",
+                        help="also publish the page through a public gradio.live link (default: false)")
+    parser.add_argument("--device", help="cpu, gpu, cuda:N, or auto (accelerate's device_map) (default: gpu if "
+                                         "available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's)")
+    parser.set_defaults(run=_run_web)
+
+
+def _boolean(value: str) -> bool:
+    choices = {"true": True, "false": False}
+    if value.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return choices[value.lower()]
+
+
+def _run_web(args: argparse.Namespace) -> int:
+    from .apps.web import run
+
+    return run(args.model, args.revision, args.api_base, args.api_key, args.host, args.port, args.share,
+               args.device, args.dtype)
 
 
 def _add_push(subparsers) -> None:
@@ -143,7 +183,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m modelscope_llama2", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_chat, _add_serve, _add_push, _add_download, _add_convert):
+    for add in (_add_chat, _add_serve, _add_web, _add_push, _add_download, _add_convert):
         add(subparsers)
     return parser
 
