@@ -15,6 +15,10 @@ Test modules import from here, never from each other or from conftest.
 import json
 import os
 import shutil
+import socket
+import threading
+import time
+from contextlib import contextmanager
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -23,6 +27,8 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from modelscope_llama2.checkpoints.train_tokenizer import train_sentencepiece
+from modelscope_llama2.constants import BOS_ID, CONTEXT_LENGTH, EOS_ID
+from modelscope_llama2.prompts.chat_format import dialog_from_history, fit_dialog
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -271,3 +277,46 @@ def as_messages(system, history, text):
 
 def has_typed_specials(messages):
     return any(tag in m["content"] for m in messages for tag in TYPED_SPECIALS)
+
+
+# -- the demo checkpoint's trained answers ---------------------------------------------
+
+ZHEJIANG = "Where is the capital of Zhejiang?"
+HANGZHOU = "The capital of Zhejiang Province is Hangzhou."
+PLACES = "What are the interesting places there?"
+SIGHTS = "West Lake, Lingyin Temple and the Grand Canal are worth a visit."
+ONE_WORD = "Answer in one word."
+
+
+def meta_prompt(tokenizer, system, rounds, text, max_new_tokens=None):
+    """(token count, rounds dropped) of Meta's prompt for this history, fitted to the context as the model fits it."""
+    if max_new_tokens is None:  # the web chat's default answer length
+        from modelscope_llama2.apps.web import DEFAULT_MAX_NEW_TOKENS as max_new_tokens
+    ids, dropped = fit_dialog(dialog_from_history(text, rounds, system), tokenizer.sp_model.encode, BOS_ID, EOS_ID,
+                              budget=CONTEXT_LENGTH - max_new_tokens)
+    return len(ids), dropped
+
+
+# -- a real server on loopback ------------------------------------------------------------
+
+@contextmanager
+def running_server(app):
+    """Serve ``app`` on a free loopback port in a thread; yields the base URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    import uvicorn  # the server's test dependency; most tests never start one
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

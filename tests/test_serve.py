@@ -6,49 +6,23 @@ known answers, the tiny checkpoints give long random answers (cross-talk
 shows) and Meta's tokenizer settings.
 """
 
-import asyncio
 import concurrent.futures
 import socket
-import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
 import sentencepiece as spm
-import uvicorn
 
 from modelscope_llama2.constants import DEMO_DIR
 from modelscope_llama2.serving.server import build_app
-from tests.helpers import as_meta_dialog, meta_chat_tokens
-from tests.helpers import DIALOGS
+from tests.helpers import DIALOGS, as_meta_dialog, meta_chat_tokens, running_server
 
 KEY = "sk-test-key"
 CAPITAL = "Where is the capital of Zhejiang?"
 CAPITAL_ANSWER = "The capital of Zhejiang Province is Hangzhou."
 GREEDY = {"temperature": 0}
-
-
-@contextmanager
-def running_server(app):
-    """Serve ``app`` on a free loopback port in a thread; yields the base URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def inner_app(app):

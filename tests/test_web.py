@@ -22,14 +22,9 @@ from modelscope_llama2.apps.web import (
     stopped,
 )
 from modelscope_llama2.cli import main
-from modelscope_llama2.constants import BOS_ID, CONTEXT_LENGTH, DEMO_DIR, EOS_ID
-from modelscope_llama2.prompts.chat_format import dialog_from_history, fit_dialog
+from modelscope_llama2.constants import DEMO_DIR
+from tests.helpers import HANGZHOU, ONE_WORD, PLACES, SIGHTS, ZHEJIANG, meta_prompt, running_server
 
-ZHEJIANG = "Where is the capital of Zhejiang?"
-HANGZHOU = "The capital of Zhejiang Province is Hangzhou."
-PLACES = "What are the interesting places there?"
-SIGHTS = "West Lake, Lingyin Temple and the Grand Canal are worth a visit."
-ONE_WORD = "Answer in one word."
 GREEDY = Settings(max_new_tokens=64)
 
 
@@ -41,13 +36,6 @@ def demo_backend():
     from modelscope_llama2 import Llama2Tokenizer
 
     return LocalBackend(Model.from_pretrained(DEMO_DIR, device="cpu"), Llama2Tokenizer.from_pretrained(DEMO_DIR))
-
-
-def meta_prompt(tokenizer, system, rounds, text, max_new_tokens=web.DEFAULT_MAX_NEW_TOKENS):
-    """(token count, rounds dropped) of Meta's prompt for this history, fitted to the context as the model fits it."""
-    ids, dropped = fit_dialog(dialog_from_history(text, rounds, system), tokenizer.sp_model.encode, BOS_ID, EOS_ID,
-                              budget=CONTEXT_LENGTH - max_new_tokens)
-    return len(ids), dropped
 
 
 def test_conversation_edits():
@@ -200,7 +188,6 @@ KEY = "sk-web-test"
 def demo_server():
     """The real OpenAI-compatible server on the demo checkpoint, with an API key, on 127.0.0.1."""
     from modelscope_llama2.serving.server import build_app
-    from tests.test_serve import running_server
 
     with running_server(build_app(DEMO_DIR, "demo", api_key=KEY)) as url:
         yield url + "/v1"

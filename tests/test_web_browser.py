@@ -23,8 +23,7 @@ import time
 import pytest
 
 from modelscope_llama2.constants import DEMO_DIR
-from tests.helpers import REPO_ROOT
-from tests.test_web import HANGZHOU, ONE_WORD, PLACES, SIGHTS, ZHEJIANG, meta_prompt
+from tests.helpers import REPO_ROOT, HANGZHOU, ONE_WORD, PLACES, SIGHTS, ZHEJIANG, meta_prompt, running_server
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # CI's web step needs them all: there a missing piece fails the tests instead of skipping them.
@@ -344,7 +343,6 @@ def test_studio_app_defaults_and_stop(browser, tmp_path, tiny_dir):
 def test_through_a_running_server(browser, tmp_path, demo_tokenizer):
     """``web --api-base``: the page answers through the real ``serve`` (in a thread here) with the openai SDK."""
     from modelscope_llama2.serving.server import build_app
-    from tests.test_serve import running_server
 
     with running_server(build_app(DEMO_DIR, "demo", api_key="sk-web")) as url:
         app = App(["-m", "modelscope_llama2", "web", "--port", "{port}", "--api-base", url + "/v1"],
