@@ -247,6 +247,16 @@ def test_closing_the_iterator_stops_generation(tiny_model, tokenizer):
     assert passes < 2000
 
 
+def test_an_abort_before_iterating_is_honoured(tiny_model, tokenizer):
+    prompt = _prompt(tiny_model, tokenizer, "hi", max_new_tokens=2000)
+    with ForwardLog(tiny_model) as log:
+        events = tiny_model.engine.generate([prompt])
+        tiny_model.engine.abort(prompt.request_id)
+        (only,) = list(events)
+    assert only.finish_reason == "abort" and only.token_ids == () and only.usage.completion_tokens == 0
+    assert len(log.calls) < 2000
+
+
 def test_engine_refuses_what_it_cannot_honour(tiny_model, tokenizer):
     engine = tiny_model.engine
     with pytest.raises(ValueError, match=r"inputs\['num_beams'\]: not supported by the transformers engine"):
@@ -254,7 +264,7 @@ def test_engine_refuses_what_it_cannot_honour(tiny_model, tokenizer):
     first = _prompt(tiny_model, tokenizer, "hi")
     second = _prompt(tiny_model, tokenizer, "hi", seed=3)
     with pytest.raises(ValueError, match=r"inputs\[1\]: a batch runs as one generate\(\) call"):
-        list(engine.generate([first, second]))
+        engine.generate([first, second])  # refused on the call, before any model work
     assert list(engine.generate([])) == []
     vocab_size = tiny_model.config.vocab_size
     for ids in ((), (1, vocab_size), (1, -1)):

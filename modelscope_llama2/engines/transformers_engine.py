@@ -76,16 +76,22 @@ class TransformersEngine(Engine):
             event.set()
 
     def generate(self, prompts: Sequence[Prompt]) -> Iterator[TokenEvent]:
+        # Checked and registered now, not at the first next(): bad input fails
+        # on the call, and an abort() that comes before iteration is honoured.
         prompts = list(prompts)
-        if not prompts:
-            return
-        check_token_ids(prompts, self.model.config.vocab_size)
-        check_batchable(prompts)
+        if prompts:
+            check_token_ids(prompts, self.model.config.vocab_size)
+            check_batchable(prompts)
         flags = [threading.Event() for _ in prompts]
         with self._lock:
             self._aborted.update((p.request_id, flag) for p, flag in zip(prompts, flags))
-        rows = [_Row(p, flag) for p, flag in zip(prompts, flags)]
-        run = self._run_one if len(prompts) == 1 else self._run_batch
+        return self._events([_Row(p, flag) for p, flag in zip(prompts, flags)])
+
+    def _events(self, rows: List["_Row"]) -> Iterator[TokenEvent]:
+        if not rows:
+            return
+        prompts, flags = [row.prompt for row in rows], [row.flag for row in rows]
+        run = self._run_one if len(rows) == 1 else self._run_batch
         steps = _iterate_in_thread(lambda streamer: run(rows, streamer))
         try:
             for kind, value in steps:
