@@ -201,9 +201,11 @@ def sampling_options(request: Any, defaults: Mapping[str, Any]) -> Dict[str, Any
         >>> sampling_options(R(temperature=0.7, top_p=None, frequency_penalty=0, presence_penalty=0), {})
         {'do_sample': True, 'temperature': 0.7}
         >>> sampling_options(R(temperature=0, top_p=0.9, frequency_penalty=0, presence_penalty=0), {})
-        {}
+        {'do_sample': False}
     """
-    options: Dict[str, Any] = {}
+    # do_sample is always explicit: an engine would otherwise fall back to the
+    # checkpoint's generation_config, which may sample where the request is greedy.
+    options: Dict[str, Any] = {"do_sample": False}
     temperature = request.temperature
     if temperature is None and request.top_p is None and not defaults.get("do_sample", False):
         pass  # the checkpoint decodes greedily by default
