@@ -1,0 +1,134 @@
+"""What the HTTP app generates through: a :class:`Backend`, local or remote.
+
+The OpenAI app (:mod:`modelscope_llama2.serving.openai`) builds Meta-exact
+prompts itself (it holds the tokenizer and the context length) and hands
+each :class:`~modelscope_llama2.prompts.prompt.Prompt` to a backend, which
+streams :class:`~modelscope_llama2.decoding.TextDelta` items back. The
+app never touches an engine: :class:`LocalBackend` wraps an
+:class:`~modelscope_llama2.engines.base.Engine` in this process; a remote
+backend (Ray Serve) forwards the same plain data to a replica.
+
+Example:
+    >>> issubclass(LocalBackend, Backend)
+    True
+"""
+
+import abc
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Iterator
+
+from ..decoding import TextDelta, decode_stream
+from ..engines.base import Engine
+from ..prompts.prompt import Prompt, SamplingParams
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot take requests now (shutting down, replica gone): the app answers 503."""
+
+
+class Backend(abc.ABC):
+    """Generation as the HTTP ingress sees it: prompts in, text deltas out.
+
+    Attributes the ingress reads to build prompts: :attr:`tokenizer` (a
+    :class:`~modelscope_llama2.tokenizer.Llama2Tokenizer`),
+    :attr:`context_length` and :attr:`engine_name`.
+    """
+
+    tokenizer: Any
+    context_length: int
+    engine_name: str
+
+    @abc.abstractmethod
+    def check_sampling(self, sampling: SamplingParams, where: str) -> None:
+        """Raise ``ValueError`` naming the first option the engine cannot honour, before any model work."""
+
+    @abc.abstractmethod
+    def stream(self, prompt: Prompt) -> AsyncIterator[TextDelta]:
+        """Generate for ``prompt``: its text deltas, the last with ``finish_reason`` and ``usage``.
+
+        Closing the iterator early (``aclose()``, e.g. when the client goes
+        away) aborts the request and frees its slot.
+        """
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Stop generating for ``request_id`` (unknown or finished ids are ignored)."""
+
+    async def close(self) -> None:
+        """Release what the backend holds."""
+
+
+_DONE = object()
+
+
+class LocalBackend(Backend):
+    """An :class:`Engine` in this process; its blocking iterator runs in a worker thread per request.
+
+    ``max_workers`` bounds the requests generating at once (the app admits
+    no more than that anyway).
+    """
+
+    def __init__(self, engine: Engine, tokenizer: Any, max_workers: int = 16):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.context_length = engine.context_length
+        self.engine_name = engine.name
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generate")
+
+    def check_sampling(self, sampling: SamplingParams, where: str) -> None:
+        self.engine.check_sampling(sampling, where)
+
+    async def stream(self, prompt: Prompt) -> AsyncIterator[TextDelta]:
+        loop = asyncio.get_running_loop()
+        queue: "asyncio.Queue[Any]" = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def deliver(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                cancelled.set()
+
+        def produce() -> None:
+            deltas: Iterator[TextDelta] = decode_stream(self.engine, [prompt], self.tokenizer)
+            try:
+                for delta in deltas:
+                    if cancelled.is_set():
+                        break
+                    deliver(delta)
+            except Exception as error:  # handed to the consumer, which raises it in the app
+                deliver(_Failure(error))
+            finally:
+                deltas.close()  # aborts the request in the engine if it did not finish
+                deliver(_DONE)
+
+        self._executor.submit(produce)
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    finished = True
+                    return
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield item
+        finally:
+            if not finished:
+                cancelled.set()
+                self.engine.abort(prompt.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.engine.close()
+
+
+class _Failure:
+    def __init__(self, error: Exception):
+        self.error = error
+

@@ -1,0 +1,198 @@
+"""The OpenAI API's request and response bodies, as pydantic models.
+
+Only shapes live here (as in vLLM's ``entrypoints/openai/protocol.py``);
+what the fields mean for generation is decided in
+:mod:`modelscope_llama2.serving.openai`. Requests refuse unknown fields,
+so a setting the server would ignore is a 400 that names it rather than a
+silent difference.
+
+Example:
+    >>> request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+    >>> request.messages[0].text(), request.max_tokens
+    ('Hi', 8)
+    >>> ErrorResponse.of("bad", param="n").model_dump()["error"]["param"]
+    'n'
+"""
+
+import time
+from typing import Any, Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# -- shared ---------------------------------------------------------------
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str = "invalid_request_error"
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorBody
+
+    @classmethod
+    def of(cls, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+           code: Optional[str] = None) -> "ErrorResponse":
+        return cls(error=ErrorBody(message=message, type=type, param=param, code=code))
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+
+
+class _Sampling(_Request):
+    """Fields chat and completions share."""
+
+    model: str
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, List[str]]] = None
+    seed: Optional[int] = Field(default=None, ge=0)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logprobs: Optional[Any] = None
+    logit_bias: Optional[Dict[str, float]] = None
+    user: Optional[str] = None
+    # vLLM's extension: return the prompt's and each choice's token ids.
+    return_token_ids: bool = False
+
+
+# -- chat -----------------------------------------------------------------
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: str
+    content: Union[str, List[TextPart]]
+
+    def text(self) -> str:
+        """The content as one string (text parts joined, as OpenAI does)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: List[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    top_logprobs: Optional[int] = None
+    # OpenAI Responses API's option: "auto" drops the oldest rounds to fit.
+    truncation: Literal["auto", "disabled"] = "disabled"
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Optional[str]
+    logprobs: None = None
+    token_ids: Optional[List[int]] = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: List[ChatChoice]
+    usage: UsageInfo
+    prompt_token_ids: Optional[List[int]] = None
+
+
+class Delta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: Optional[str] = None
+    logprobs: None = None
+    token_ids: Optional[List[int]] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: List[ChatChunkChoice]
+    usage: Optional[UsageInfo] = None
+    prompt_token_ids: Optional[List[int]] = None
+
+
+# -- completions ----------------------------------------------------------
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, List[str], List[int], List[List[int]]]
+    max_tokens: Optional[int] = Field(default=16, ge=1)  # OpenAI's default for completions
+    echo: bool = False
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Optional[str]
+    logprobs: None = None
+    token_ids: Optional[List[int]] = None
+    prompt_token_ids: Optional[List[int]] = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: List[CompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+# -- models ---------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "modelscope_llama2"
+    max_model_len: Optional[int] = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: List[ModelCard]
