@@ -1,63 +1,199 @@
-"""Token generation on top of transformers' ``generate()``.
+"""The transformers engine: eager ``generate()`` with the prefix KV cache, behind :class:`Engine`.
 
 transformers does the sampling, the logits processors and the KV cache; this
-module adds what chat needs around it: stop strings, reproducible seeds,
-finish reasons, text that is safe to show while tokens stream in, and
-running ``generate()`` in a worker thread so callers can iterate over tokens.
+module adds what an engine owes its callers: token events as they are
+produced (``generate()`` runs in a worker thread with a streamer), reuse of
+the KV of earlier turns (:class:`~.prefix_cache.PromptCache`), per-request
+token limits and abort, reproducible seeds, finish reasons and usage.
+
+One prompt runs on its own with the prefix cache; several run as one
+left-padded ``generate()`` batch (they must share their sampling settings).
+
+Example:
+    >>> from modelscope import Model
+    >>> from modelscope_llama2.constants import DEMO_DIR
+    >>> from modelscope_llama2.prompts.prompt import Prompt, SamplingParams
+    >>> engine = TransformersEngine(Model.from_pretrained(DEMO_DIR, device="cpu"))
+    >>> prompt = Prompt(token_ids=(1, 518, 25580), sampling=SamplingParams(max_new_tokens=3))
+    >>> events = list(engine.generate([prompt]))
+    >>> events[-1].finish_reason, events[-1].usage.prompt_tokens
+    ('length', 3)
 """
 
 import queue
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from ..prompts.requests import GenerationSpec
+from ..constants import CONTEXT_LENGTH, EOS_ID, PAD_ID
+from ..prompts.prompt import Prompt, SamplingParams
+from ..prompts.requests import RESERVED_GENERATION_KEYS
+from .base import Engine, TokenEvent, Usage
+from .prefix_cache import PromptCache
 
-Decode = Callable[[List[int]], str]
+# Every transformers generation setting but those the engine's bookkeeping
+# (one sequence per prompt, a KV cache it owns, its own limits) relies on.
+TRANSFORMERS_OPTIONS = frozenset(
+    key for key in GenerationConfig().to_dict() if not key.startswith("_") and key not in RESERVED_GENERATION_KEYS
+)
 
 
-@dataclass
-class Generated:
-    """New token ids (EOS excluded) and why generation ended: ``eos``, ``stop`` or ``length``."""
+class TransformersEngine(Engine):
+    """Eager generation on a transformers ``LlamaForCausalLM`` (or this package's ``Llama2ForChat``).
 
-    token_ids: List[int]
-    finish_reason: str
+    ``prefix_cache``: where KV caches of recent generations are kept for the
+    next turn (default: a new :class:`PromptCache`).
+    """
+
+    name = "transformers"
+    sampling_options = TRANSFORMERS_OPTIONS
+
+    def __init__(self, model: Any, prefix_cache: Optional[PromptCache] = None):
+        self.model = model
+        self.prefix_cache = prefix_cache if prefix_cache is not None else PromptCache()
+        self.context_length = getattr(model.config, "max_position_embeddings", CONTEXT_LENGTH)
+        self._aborted: Dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            event = self._aborted.get(request_id)
+        if event is not None:
+            event.set()
+
+    def generate(self, prompts: Sequence[Prompt]) -> Iterator[TokenEvent]:
+        prompts = list(prompts)
+        if not prompts:
+            return
+        check_batchable(prompts)
+        flags = [threading.Event() for _ in prompts]
+        with self._lock:
+            self._aborted.update((p.request_id, flag) for p, flag in zip(prompts, flags))
+        rows = [_Row(p, flag) for p, flag in zip(prompts, flags)]
+        run = self._run_one if len(prompts) == 1 else self._run_batch
+        steps = _iterate_in_thread(lambda streamer: run(rows, streamer))
+        try:
+            for kind, value in steps:
+                if kind == "step":
+                    for row, token in zip(rows, value):
+                        event = row.take(token)
+                        if event is not None:
+                            yield event
+                else:
+                    for row in rows:
+                        if not row.done:
+                            yield row.finish("abort" if row.flag.is_set() else "length")
+        finally:
+            for flag in flags:  # a consumer that leaves early aborts what is left
+                flag.set()
+            steps.close()  # joins the worker, which now stops at its next token
+            with self._lock:
+                for p in prompts:
+                    self._aborted.pop(p.request_id, None)
+
+    # -- one prompt, with the prefix cache ------------------------------------
+
+    def _run_one(self, rows: List["_Row"], streamer: BaseStreamer) -> None:
+        row = rows[0]
+        prompt_ids = list(row.prompt.token_ids)
+        checked_out = self.prefix_cache.checkout(prompt_ids)
+        cache, row.cached = checked_out if checked_out else (None, 0)
+        input_ids = torch.tensor([prompt_ids], device=self._input_device())
+        new_ids, cache = self._generate(input_ids, rows, streamer, cache=cache)
+        self.prefix_cache.checkin(prompt_ids + new_ids[0].tolist(), cache, len(prompt_ids))
+
+    # -- several prompts, one left-padded batch --------------------------------
+
+    def _run_batch(self, rows: List["_Row"], streamer: BaseStreamer) -> None:
+        width = max(len(row.prompt.token_ids) for row in rows)
+        padded = [[PAD_ID] * (width - len(r.prompt.token_ids)) + list(r.prompt.token_ids) for r in rows]
+        masks = [[0] * (width - len(r.prompt.token_ids)) + [1] * len(r.prompt.token_ids) for r in rows]
+        device = self._input_device()
+        self._generate(torch.tensor(padded, device=device), rows, streamer,
+                       attention_mask=torch.tensor(masks, device=device))
+
+    def _generate(self, input_ids: torch.Tensor, rows: List["_Row"], streamer: BaseStreamer, *,
+                  attention_mask: Optional[torch.Tensor] = None, cache: Any = None) -> Tuple[torch.Tensor, Any]:
+        """One ``generate()`` call; returns ``(new token ids [batch, n], the KV cache)``."""
+        sampling = rows[0].prompt.sampling
+        with torch.inference_mode(), seeded(sampling.seed, input_ids.device):
+            out = self.model.generate(
+                input_ids,
+                attention_mask=attention_mask if attention_mask is not None else torch.ones_like(input_ids),
+                max_new_tokens=max(row.prompt.sampling.max_new_tokens for row in rows),
+                max_length=None,  # max_new_tokens rules; silences generate()'s warning about both
+                pad_token_id=PAD_ID,
+                stopping_criteria=StoppingCriteriaList([StopRows([row.flag for row in rows])]),
+                streamer=streamer,
+                cache=cache,
+                return_dict_in_generate=True,
+                **sampling.options,
+            )
+        return out.sequences[:, input_ids.shape[1]:], out.get("cache")
+
+    def _input_device(self) -> torch.device:
+        # With a device_map the embedding may sit anywhere; inputs go where it is.
+        device = self.model.get_input_embeddings().weight.device
+        return self.model.device if device.type == "meta" else device
 
 
-class StopOnStrings(StoppingCriteria):
-    """Ends a row once its generated text contains one of ``stops``."""
+class _Row:
+    """One request's progress inside a ``generate()`` call: its tokens, limit and finish."""
 
-    def __init__(self, stops: Sequence[str], decode: Decode, prompt_width: int):
-        self.stops = tuple(stops)
-        self.decode = decode
-        self.prompt_width = prompt_width
-        # A character can take up to 4 byte-fallback tokens; no token is
-        # shorter than that, so this many tail tokens hold any match.
-        self.window = 4 * max(map(len, self.stops)) + 4
+    def __init__(self, prompt: Prompt, flag: threading.Event):
+        self.prompt, self.flag = prompt, flag
+        self.count = 0
+        self.cached = 0
+        self.done = False
+
+    def take(self, token: int) -> Optional[TokenEvent]:
+        if self.done:
+            return None  # generate() pads rows that have finished
+        if self.flag.is_set():
+            return self.finish("abort")
+        if token == EOS_ID:
+            return self.finish("eos")
+        self.count += 1
+        if self.count >= self.prompt.sampling.max_new_tokens:
+            return self.finish("length", (token,))
+        return TokenEvent(self.prompt.request_id, (token,))
+
+    def finish(self, reason: str, token_ids: Tuple[int, ...] = ()) -> TokenEvent:
+        # Marking the row stops it in generate() (StopRows) once every row is done.
+        self.done = True
+        self.flag.set()
+        usage = Usage(len(self.prompt.token_ids), self.count, self.cached)
+        return TokenEvent(self.prompt.request_id, token_ids, reason, usage)
+
+
+def check_batchable(prompts: Sequence[Prompt]) -> None:
+    """Several prompts run as one ``generate()`` call: only their token limits may differ."""
+    first = prompts[0].sampling
+    for i, prompt in enumerate(prompts[1:], start=1):
+        other = prompt.sampling
+        if (other.stop, other.seed, dict(other.options)) != (first.stop, first.seed, dict(first.options)):
+            raise ValueError(
+                f"inputs[{i}]: a batch runs as one generate() call, so its generation settings "
+                "(stop, seed, sampling options) must equal those of inputs[0]"
+            )
+
+
+class StopRows(StoppingCriteria):
+    """Ends each row of a batch once its flag is set (finished, aborted, or its consumer gone)."""
+
+    def __init__(self, flags: Sequence[threading.Event]):
+        self.flags = flags
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        tails = input_ids[:, self.prompt_width:][:, -self.window:].tolist()
-        done = [any(stop in self.decode(tail) for stop in self.stops) for tail in tails]
-        return torch.tensor(done, device=input_ids.device)
+        return torch.tensor([flag.is_set() for flag in self.flags], device=input_ids.device)
 
 
-class StopOnEvent(StoppingCriteria):
-    """Ends generation when a streaming consumer goes away."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), device=input_ids.device)
-
-
-class TokenQueue(BaseStreamer):
-    """A ``generate()`` streamer that forwards each new token id to a queue."""
+class _StepQueue(BaseStreamer):
+    """A ``generate()`` streamer that forwards each step's new ids (one per row) to a queue."""
 
     def __init__(self, sink: "queue.Queue"):
         self.sink = sink
@@ -67,31 +203,10 @@ class TokenQueue(BaseStreamer):
         if not self.prompt_seen:  # generate() first hands over the prompt
             self.prompt_seen = True
             return
-        for token in value.reshape(-1).tolist():
-            self.sink.put(("token", token))
+        self.sink.put(("step", value.reshape(-1).tolist()))
 
     def end(self) -> None:
         pass
-
-
-def visible_text(decode: Decode, token_ids: List[int], stops: Sequence[str], final: bool) -> Tuple[str, bool]:
-    """The response text for ``token_ids`` and whether a stop string cut it.
-
-    A trailing incomplete UTF-8 character (which sentencepiece decodes as
-    U+FFFD) is never shown: it may complete with the next token, and a
-    response cut by its token limit ends before it. Before the final token
-    (``final=False``) a tail that may be the start of a stop string is held
-    back too, so every partial text is a prefix of the final one.
-    """
-    text = decode(token_ids)
-    cuts = [i for i in (text.find(stop) for stop in stops) if i >= 0]
-    if cuts:
-        return text[: min(cuts)], True
-    text = text.rstrip("\ufffd")
-    if not final:
-        held = max((n for stop in stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
-        text = text[: len(text) - held]
-    return text, False
 
 
 @contextmanager
@@ -106,64 +221,19 @@ def seeded(seed: Optional[int], device: torch.device) -> Iterator[None]:
         yield
 
 
-def run_generate(
-    model: Any,
-    input_ids: torch.LongTensor,
-    spec: GenerationSpec,
-    max_new_tokens: int,
-    decode: Decode,
-    pad_token_id: int,
-    *,
-    attention_mask: Optional[torch.LongTensor] = None,
-    cache: Any = None,
-    streamer: Optional[BaseStreamer] = None,
-    cancel: Optional[threading.Event] = None,
-) -> Tuple[torch.LongTensor, Any]:
-    """One ``generate()`` call; returns ``(new token ids [batch, n], the KV cache)``."""
-    criteria = StoppingCriteriaList()
-    if spec.stop:
-        criteria.append(StopOnStrings(spec.stop, decode, input_ids.shape[1]))
-    if cancel is not None:
-        criteria.append(StopOnEvent(cancel))
-    with torch.inference_mode(), seeded(spec.seed, input_ids.device):
-        out = model.generate(
-            input_ids,
-            attention_mask=attention_mask if attention_mask is not None else torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            max_length=None,  # max_new_tokens rules; silences generate()'s warning about both
-            pad_token_id=pad_token_id,
-            stopping_criteria=criteria,
-            streamer=streamer,
-            cache=cache,
-            return_dict_in_generate=True,
-            **spec.generate_kwargs,
-        )
-    return out.sequences[:, input_ids.shape[1]:], out.get("cache")
+def _iterate_in_thread(run: Callable[[BaseStreamer], Any]) -> Iterator[Tuple[str, Any]]:
+    """Run ``run(streamer)`` in a worker thread, yielding ``('step', ids)`` items then ``('done', None)``.
 
-
-def finish(new_ids: List[int], eos_id: int, limit: int) -> Generated:
-    """Trim one row of ``generate()`` output to its EOS and its own token limit.
-
-    Rows of a batch share one ``max_new_tokens``; each keeps only its own share.
-    """
-    ids = new_ids[:limit]
-    if eos_id in ids:
-        return Generated(ids[: ids.index(eos_id)], "eos")
-    return Generated(ids, "length")
-
-
-def iterate_in_thread(run: Callable[[BaseStreamer, threading.Event], Any]) -> Iterator[Tuple[str, Any]]:
-    """Run ``run(streamer, cancel)`` in a worker thread, yielding ``('token', id)`` then ``('done', result)``.
-
-    Closing the iterator early sets ``cancel`` (generation stops at the next
-    token) and waits for the worker, so no generation outlives its consumer.
+    The caller stops the worker by setting its rows' flags before closing
+    this iterator; closing waits for the worker, so no generation outlives
+    its consumer.
     """
     sink: "queue.Queue" = queue.Queue()
-    cancel = threading.Event()
 
     def work() -> None:
         try:
-            sink.put(("done", run(TokenQueue(sink), cancel)))
+            run(_StepQueue(sink))
+            sink.put(("done", None))
         except BaseException as error:  # re-raised in the consumer's thread
             sink.put(("error", error))
 
@@ -178,5 +248,4 @@ def iterate_in_thread(run: Callable[[BaseStreamer, threading.Event], Any]) -> It
             if kind == "done":
                 return
     finally:
-        cancel.set()
         worker.join()

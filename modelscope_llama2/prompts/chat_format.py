@@ -136,7 +136,15 @@ def encode_dialog(dialog: Sequence[Message], encode: Encode, bos_id: int, eos_id
 
 
 class PromptTooLong(ValueError):
-    """Even with every past round dropped, the prompt does not fit its budget."""
+    """The prompt does not fit its token budget (even with every past round dropped).
+
+    ``prompt_tokens`` and ``budget`` carry the numbers, for an HTTP error body.
+    """
+
+    def __init__(self, message: str, prompt_tokens: int = 0, budget: int = 0):
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.budget = budget
 
 
 def fit_dialog(
@@ -164,5 +172,6 @@ def fit_dialog(
             return [*head, *(t for segment in segments[dropped + 1:] for t in segment)], dropped
     raise PromptTooLong(
         f"the system prompt plus the current message take {len(head)} tokens, more than the "
-        f"{budget} tokens the prompt may use (max_length minus the tokens reserved for the response)"
+        f"{budget} tokens the prompt may use (max_length minus the tokens reserved for the response)",
+        prompt_tokens=len(head) + tail_len, budget=budget,
     )

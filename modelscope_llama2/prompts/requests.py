@@ -1,16 +1,36 @@
-"""Validation of the input dicts that ``chat()`` and ``complete()`` take.
+"""Requests: the input dicts of ``chat()`` and ``complete()`` validated, then turned into a :class:`Prompt`.
 
 Everything a caller can get wrong is caught here, before any tokenization or
 model work, with a ``TypeError``/``ValueError`` that names the field. Parsing
 copies what it keeps, so the caller's dict and history are never touched.
+:func:`chat_prompt` and :func:`completion_prompt` then apply the context
+budget (dropping the oldest rounds of a chat to fit) and encode Meta's ids.
+
+Example:
+    >>> from modelscope_llama2 import Llama2Tokenizer
+    >>> from modelscope_llama2.constants import DEMO_DIR
+    >>> tok = Llama2Tokenizer.from_pretrained(DEMO_DIR)
+    >>> prompt = chat_prompt(parse_chat_inputs({"text": "Hi!", "max_new_tokens": 8}), tok)
+    >>> prompt.token_ids[:1], prompt.sampling.max_new_tokens, prompt.message
+    ((1,), 8, 'Hi!')
 """
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from transformers import GenerationConfig
 
-from .chat_format import Dialog, Message, check_dialog, dialog_from_history
+from ..constants import CONTEXT_LENGTH
+from .chat_format import (Dialog, Message, PromptTooLong, check_dialog, dialog_from_history, encode_dialog,
+                          fit_dialog)
+from .prompt import Prompt, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# Without max_new_tokens, the prompt may use max_length minus this much, so
+# that dropping old rounds always leaves room for an answer.
+RESPONSE_RESERVE = 256
 
 # Keys of the input dict that are ours; every other key must be a
 # transformers generation setting (max_new_tokens, temperature, top_p, ...).
@@ -21,7 +41,7 @@ _INT_KEYS = {"max_length": 1, "max_new_tokens": 1, "min_new_tokens": 0, "top_k":
 _GENERATION_DEFAULTS = GenerationConfig()
 # Settings that would change what generate() returns or how, which the chat
 # bookkeeping (one sequence per prompt, a KV cache we own) relies on.
-_RESERVED = {"num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits",
+RESERVED_GENERATION_KEYS = {"num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits",
              "output_attentions", "output_hidden_states", "use_cache", "cache_implementation", "num_beams",
              "max_length", "pad_token_id", "eos_token_id", "bos_token_id"}
 
@@ -85,23 +105,76 @@ def parse_completion_inputs(inputs: Any, where: str = "inputs") -> CompletionReq
 
 
 def parse_batch(inputs: Any, parse) -> list:
-    """Parse a list of input dicts; all must share their generation settings."""
+    """Parse a non-empty list of input dicts."""
     if not inputs:
         raise ValueError("inputs: expected a non-empty list of input dicts")
-    requests = [parse(item, f"inputs[{i}]") for i, item in enumerate(inputs)]
-    check_same_settings([request.spec for request in requests])
-    return requests
+    return [parse(item, f"inputs[{i}]") for i, item in enumerate(inputs)]
 
 
-def check_same_settings(specs: List[GenerationSpec]) -> None:
-    """A batch runs as one ``generate()`` call: only the token limits may differ."""
-    first = specs[0]
-    for i, spec in enumerate(specs[1:], start=1):
-        if (spec.stop, spec.seed, spec.generate_kwargs) != (first.stop, first.seed, first.generate_kwargs):
-            raise ValueError(
-                f"inputs[{i}]: a batch runs as one generate() call, so its generation settings "
-                "(stop, seed, sampling options) must equal those of inputs[0]"
-            )
+def chat_prompt(request: ChatRequest, tokenizer, context_length: int = CONTEXT_LENGTH, truncate: bool = True) -> Prompt:
+    """Meta's prompt ids for ``request``, dropping the oldest rounds until prompt and answer fit.
+
+    ``tokenizer`` is a :class:`~modelscope_llama2.tokenizer.Llama2Tokenizer`.
+    With ``truncate=False`` a prompt that does not fit whole raises
+    :class:`PromptTooLong` (a ``ValueError``) instead of dropping rounds.
+    """
+    limit, reserve = _limits(request.spec, context_length)
+    encode, bos, eos = tokenizer.sp_model.encode, tokenizer.bos_token_id, tokenizer.eos_token_id
+    prompt_ids, dropped = fit_dialog(request.dialog, encode, bos, eos, budget=limit - reserve)
+    if dropped and not truncate:
+        length = len(encode_dialog(request.dialog, encode, bos, eos))
+        raise PromptTooLong(
+            f"messages: the prompt takes {length} tokens and the answer {reserve}, more than the model's "
+            f"limit of {limit} tokens", prompt_tokens=length, budget=limit - reserve)
+    if dropped:
+        logger.warning("history: dropped the %d oldest round(s) so the prompt (%d tokens) and the "
+                       "response fit in %d tokens", dropped, len(prompt_ids), limit)
+    return Prompt(
+        token_ids=tuple(prompt_ids),
+        sampling=_sampling(request.spec, limit, len(prompt_ids)),
+        kind="chat",
+        message=request.dialog[-1]["content"],
+        history=request.history,
+        dropped_rounds=dropped,
+    )
+
+
+def completion_prompt(request: CompletionRequest, tokenizer, context_length: int = CONTEXT_LENGTH) -> Prompt:
+    """BOS + the text's ids (no chat format); the continuation decodes after the text."""
+    limit, reserve = _limits(request.spec, context_length)
+    body = tokenizer.encode(request.text)
+    if len(body) + 1 > limit - reserve:
+        raise PromptTooLong(f"text: the prompt takes {len(body) + 1} tokens, more than the {limit - reserve} "
+                            "tokens it may use (max_length minus the tokens reserved for the continuation)",
+                            prompt_tokens=len(body) + 1, budget=limit - reserve)
+    return Prompt(
+        token_ids=(tokenizer.bos_token_id, *body),
+        sampling=_sampling(request.spec, limit, len(body) + 1),
+        kind="completion",
+        message=request.text,
+        decode_prefix=tuple(body),
+        echo=request.echo,
+    )
+
+
+def _limits(spec: "GenerationSpec", context_length: int) -> Tuple[int, int]:
+    """``(total token limit, tokens kept for the response)`` for a request."""
+    limit = min(spec.max_length or context_length, context_length)
+    if spec.max_new_tokens is not None and spec.max_new_tokens >= limit:
+        raise ValueError(
+            f"max_new_tokens: {spec.max_new_tokens} leaves no room for the prompt within "
+            f"{limit} tokens (max_length and the model's context of {context_length})"
+        )
+    return limit, spec.max_new_tokens or min(RESPONSE_RESERVE, limit // 4)
+
+
+def _sampling(spec: "GenerationSpec", limit: int, prompt_len: int) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=min(spec.max_new_tokens or limit, limit - prompt_len),
+        stop=spec.stop,
+        seed=spec.seed,
+        options=dict(spec.generate_kwargs),
+    )
 
 
 def _parse_spec(inputs: Mapping[str, Any], own_keys: set, where: str) -> GenerationSpec:
@@ -109,7 +182,7 @@ def _parse_spec(inputs: Mapping[str, Any], own_keys: set, where: str) -> Generat
     for key, value in inputs.items():
         if key in own_keys or key in SPEC_KEYS:
             continue
-        if not isinstance(key, str) or not hasattr(_GENERATION_DEFAULTS, key) or key in _RESERVED:
+        if not isinstance(key, str) or not hasattr(_GENERATION_DEFAULTS, key) or key in RESERVED_GENERATION_KEYS:
             raise ValueError(
                 f"{where}[{key!r}]: unknown input; expected one of {sorted(own_keys | SPEC_KEYS)} "
                 "or a transformers generation setting (max_new_tokens, do_sample, temperature, top_p, "
