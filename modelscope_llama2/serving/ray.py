@@ -74,7 +74,9 @@ class EngineSpec:
 
     ``engine_options`` go to the engine (vLLM: ``tensor_parallel_size``,
     ``pipeline_parallel_size``, ``gpu_memory_utilization``, ...);
-    ``prefix_cache_entries`` sizes the transformers engine's KV-cache pool.
+    ``prefix_cache_entries`` sizes the transformers engine's KV-cache pool;
+    ``max_concurrent``: requests generating at once in one replica (the
+    rest wait inside it, not yet streaming).
     """
 
     model: str
@@ -84,6 +86,7 @@ class EngineSpec:
     dtype: str = "auto"
     engine_options: Mapping[str, Any] = field(default_factory=dict)
     prefix_cache_entries: int = 16
+    max_concurrent: int = 16
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,7 @@ class ModelReplica:
 
     def __init__(self, spec: EngineSpec):
         engine, tokenizer = load_engine(spec)
-        self._backend = LocalBackend(engine, tokenizer)
+        self._backend = LocalBackend(engine, tokenizer, max_workers=spec.max_concurrent)
         self._engine: Engine = engine
         context = serve.get_replica_context()
         self._served_by = ServedBy(context.replica_id.unique_id, context.rank.rank)
@@ -302,6 +305,9 @@ class ReplicaMetrics:
                                      registry=registry)
         self.prompt_tokens = Counter(PREFIX + "replica_prompt_tokens", "Prompt tokens, by replica", self.LABELS,
                                      registry=registry)
+        self.retries = Counter(PREFIX + "replica_retries",
+                               "Requests sent to another replica after theirs stopped before answering",
+                               registry=registry)
 
     def record(self, served_by: ServedBy, usage: Usage) -> None:
         labels = {"replica": served_by.replica_id, "rank": str(served_by.rank)}
@@ -355,10 +361,15 @@ class RemoteBackend(Backend):
                     raise BackendUnavailable(f"{where} stopped while streaming this answer; send it again") from error
                 logger.warning("request %s: %s is gone before answering (attempt %d of %d); trying another",
                                prompt.request_id, where, attempt + 1, self.retries + 1)
+                if self.metrics is not None:
+                    self.metrics.retries.inc()
             finally:
                 self._live.pop(prompt.request_id, None)
                 response.cancel()  # no-op once finished; frees the replica when the caller left early
         raise BackendUnavailable(f"no replica could answer: {self.retries + 1} replicas stopped before answering")
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        self.metrics = ReplicaMetrics(registry)
 
     async def abort(self, request_id: str) -> None:
         response = self._live.get(request_id)
@@ -376,9 +387,7 @@ class OpenAIIngress:
         self._config = config
 
     def __serve_build_asgi_app__(self) -> Any:
-        app = create_app(self._backend, self._config)
-        self._backend.metrics = ReplicaMetrics(app.state.metrics.registry)
-        return app
+        return create_app(self._backend, self._config)
 
 
 def build_application(engine: EngineSpec, config: ServerConfig, scale: ScaleSpec):
