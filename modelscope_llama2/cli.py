@@ -1,10 +1,11 @@
-"""``python -m modelscope_llama2 {chat,push,download,convert}``.
+"""``python -m modelscope_llama2 {chat,serve,push,download,convert}``.
 
 Each subcommand is a thin argument parser over a public function of the
 package; errors are reported as one line on stderr with exit status 1.
 """
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -31,6 +32,43 @@ def _run_chat(args: argparse.Namespace) -> int:
     from .apps.terminal import run
 
     return run(args.model, args.revision, args.system, args.device, args.dtype, args.max_new_tokens)
+
+
+def _add_serve(subparsers) -> None:
+    from .serving.server import API_KEY_ENV, DTYPES
+
+    parser = subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (chat and completions, Meta-exact prompts)",
+        description="Serve a Llama 2 chat checkpoint over the OpenAI API (/v1/chat/completions, /v1/completions, "
+                    "/v1/models, /health, /metrics); without --model, the offline demo checkpoint.",
+    )
+    parser.add_argument("--model", help="ModelScope model id or local checkpoint dir (default: the demo checkpoint)")
+    parser.add_argument("--revision", help="hub revision (tag, branch or commit) of --model")
+    parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                        help="transformers (continuous batching) or vllm (default: transformers)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                        help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV})")
+    parser.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's)")
+    parser.add_argument("--device", help="cpu, gpu, cuda:N, or auto (default: gpu if available, else cpu)")
+    parser.add_argument("--max-running", type=int, default=8, help="choices generating at once (default: 8)")
+    parser.add_argument("--max-waiting", type=int, default=64,
+                        help="choices queued behind them; past that, 429 at once (default: 64)")
+    parser.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .apps.terminal import resolve_model_dir
+    from .serving.server import build_app, run
+
+    model_dir = resolve_model_dir(args.model, args.revision)
+    name = args.served_model_name or args.model or "modelscope-llama2-demo"
+    app = build_app(model_dir, name, engine=args.engine, dtype=args.dtype, device=args.device, api_key=args.api_key,
+                    max_running=args.max_running, max_waiting=args.max_waiting)
+    run(app, args.host, args.port, args.api_key)
+    return 0
 
 
 def _add_push(subparsers) -> None:
@@ -105,7 +143,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m modelscope_llama2", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_chat, _add_push, _add_download, _add_convert):
+    for add in (_add_chat, _add_serve, _add_push, _add_download, _add_convert):
         add(subparsers)
     return parser
 

@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fastapi import FastAPI, Request
@@ -33,9 +33,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..decoding import TextDelta
-from ..prompts.chat_format import PromptTooLong, encode_dialog, fit_dialog
-from ..prompts.prompt import Prompt, SamplingParams
-from ..prompts.requests import parse_chat_inputs
+from ..prompts.chat_format import PromptTooLong
+from ..prompts.prompt import Prompt, SamplingParams, new_request_id
+from ..prompts.requests import chat_prompt, parse_chat_inputs
 from .backend import Backend, BackendUnavailable
 from .metrics import ServerMetrics
 from .protocol import (
@@ -58,9 +58,6 @@ from .protocol import (
 
 logger = logging.getLogger(__name__)
 
-# Without max_tokens and with truncation "auto", the prompt may use the
-# context minus this much (as chat() reserves), so an answer always fits.
-RESPONSE_RESERVE = 256
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
@@ -243,12 +240,16 @@ def _stops(stop: Any) -> Tuple[str, ...]:
     return stops
 
 
-def _too_long(prompt_tokens: int, max_tokens: Optional[int], context: int) -> APIError:
-    wanted = f"{prompt_tokens} tokens in the prompt" + (f" and {max_tokens} for the completion" if max_tokens else "")
-    return APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                         f"{prompt_tokens + (max_tokens or 0)} tokens ({wanted}). Please reduce the length of the "
-                         "messages or the completion, or send \"truncation\": \"auto\" to drop the oldest rounds.",
-                    param="messages", code="context_length_exceeded")
+def _too_long(prompt_tokens: int, max_tokens: Optional[int], budget: int, context: int,
+              param: str = "messages") -> APIError:
+    """OpenAI's ``context_length_exceeded`` error, with the numbers."""
+    answer = context - budget
+    return APIError(400, f"This model's maximum context length is {context} tokens. However, your prompt takes "
+                         f"{prompt_tokens} tokens and {answer} are kept for the completion "
+                         f"({'max_tokens' if max_tokens else 'the default reserve'}), {prompt_tokens + answer} in "
+                         "all. Please reduce the length of the messages or max_tokens"
+                         + (", or send \"truncation\": \"auto\" to drop the oldest rounds." if param == "messages"
+                            else "."), param=param, code="context_length_exceeded")
 
 
 class PromptBuilder:
@@ -263,26 +264,21 @@ class PromptBuilder:
     def chat(self, request: ChatCompletionRequest) -> List[Prompt]:
         _refuse_unsupported(request)
         dialog = [{"role": message.role, "content": message.text()} for message in request.messages]
-        try:
-            chat = parse_chat_inputs({"messages": dialog})
-        except (TypeError, ValueError) as error:
-            raise APIError(400, str(error), param="messages") from None
         max_tokens = request.max_completion_tokens or request.max_tokens
-        encode, bos, eos = self.tokenizer.encode, self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        if request.truncation == "auto":
-            budget = self.context - (max_tokens or min(RESPONSE_RESERVE, self.context // 4))
-            try:
-                ids, dropped = fit_dialog(chat.dialog, encode, bos, eos, budget=max(budget, 0))
-            except PromptTooLong:
-                kept = [*chat.dialog[:1], chat.dialog[-1]] if chat.dialog[0]["role"] == "system" else chat.dialog[-1:]
-                raise _too_long(len(encode_dialog(kept, encode, bos, eos)), max_tokens, self.context) from None
-        else:
-            ids, dropped = encode_dialog(chat.dialog, encode, bos, eos), 0
-        if len(ids) + (max_tokens or 1) > self.context:
-            raise _too_long(len(ids), max_tokens, self.context)
-        sampling = self._sampling(request, max_tokens or self.context - len(ids))
-        return [Prompt(tuple(ids), self._seeded(sampling, i), message=dialog[-1]["content"], history=chat.history,
-                       dropped_rounds=dropped) for i in range(request.n)]
+        inputs: Dict[str, Any] = {"messages": dialog}
+        if max_tokens is not None:
+            inputs["max_new_tokens"] = max_tokens
+        try:
+            chat = parse_chat_inputs(inputs)
+            prompt = chat_prompt(chat, self.tokenizer, self.context, truncate=request.truncation == "auto")
+        except PromptTooLong as error:
+            raise _too_long(error.prompt_tokens, max_tokens, error.budget, self.context) from None
+        except (TypeError, ValueError) as error:
+            param = "max_tokens" if str(error).startswith("max_new_tokens") else "messages"
+            raise APIError(400, str(error).replace("max_new_tokens", "max_tokens"), param=param) from None
+        sampling = self._sampling(request, prompt.sampling.max_new_tokens)
+        return [replace(prompt, sampling=self._seeded(sampling, i), request_id=new_request_id())
+                for i in range(request.n)]
 
     def completion(self, request: CompletionRequest) -> List[Prompt]:
         """One prompt per (prompt, choice): ``prompt[0]``'s n choices first, as OpenAI orders them."""
@@ -290,9 +286,8 @@ class PromptBuilder:
         prompts = []
         for index, ids in enumerate(self._completion_ids(request.prompt)):
             if len(ids) + (request.max_tokens or 1) > self.context:
-                error = _too_long(len(ids), request.max_tokens, self.context)
-                error.body.error.param = "prompt"
-                raise error
+                raise _too_long(len(ids), request.max_tokens, self.context - (request.max_tokens or 1), self.context,
+                                param="prompt")
             sampling = self._sampling(request, request.max_tokens or self.context - len(ids))
             # Decoded before the new ids (specials left out), so the first new word keeps its space.
             prefix = tuple(ids[_after_last_special(ids, self.tokenizer.all_special_ids):])
@@ -521,7 +516,7 @@ def create_app(backend: Backend, config: ServerConfig) -> FastAPI:
         metrics.requests.labels(status="200").inc()
         return ChatCompletionResponse(
             id=response_id, model=body.model,
-            choices=[ChatChoice(index=i, message=AssistantMessage(content="".join(c.text)),
+            choices=[ChatChoice(index=i, message=AssistantMessage(content="".join(c.text).rstrip()),
                                 finish_reason=c.finish_reason, token_ids=c.token_ids if body.return_token_ids else None)
                      for i, c in enumerate(choices)],
             usage=_usage(len(prompts[0].token_ids), [c.final for c in choices if c.final]),
@@ -584,6 +579,9 @@ def _streaming(metrics: ServerMetrics, chunks: AsyncIterator[str]) -> StreamingR
             logger.exception("generation failed mid-stream")
             metrics.requests.labels(status="500").inc()
             yield _sse(ErrorResponse.of("The server failed while generating.", "server_error").model_dump_json())
+        except asyncio.CancelledError:  # the client went away; closing the chunks aborts its generation
+            metrics.requests.labels(status="499").inc()
+            raise
         else:
             metrics.requests.labels(status="200").inc()
         finally:
@@ -605,11 +603,16 @@ async def _chat_chunks(body: ChatCompletionRequest, prompts: List[Prompt], respo
     yield chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))
                  for i in range(len(prompts))], prompt_token_ids=ids)
     finals: List[TextDelta] = []
+    # The answer ends without its trailing whitespace, as chat() returns it: held until more text comes.
+    held = [""] * len(prompts)
     async for index, delta in deltas:
         reason = FINISH_REASONS.get(delta.finish_reason, delta.finish_reason)
-        if delta.text or reason:
+        text = held[index] + delta.text
+        shown = text.rstrip()
+        held[index] = "" if reason else text[len(shown):]
+        if shown or reason:
             token_ids = list(delta.token_ids) if body.return_token_ids else None
-            yield chunk([ChatChunkChoice(index=index, delta=Delta(content=delta.text), finish_reason=reason,
+            yield chunk([ChatChunkChoice(index=index, delta=Delta(content=shown), finish_reason=reason,
                                          token_ids=token_ids)])
         if delta.finish_reason is not None:
             finals.append(delta)
