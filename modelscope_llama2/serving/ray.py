@@ -30,8 +30,10 @@ Example:
 """
 
 import logging
+import signal
+import threading
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Dict, FrozenSet, List, Mapping, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 try:
     from ray import serve
@@ -57,6 +59,7 @@ from .openai import ServerConfig, create_app
 
 logger = logging.getLogger(__name__)
 
+APP_NAME = "modelscope-llama2"
 MODEL_DEPLOYMENT = "Llama2Replica"
 INGRESS_DEPLOYMENT = "OpenAIIngress"
 ROUTERS = ("affinity", "default")
@@ -180,30 +183,29 @@ class ServedBy:
 # -- the replicas ---------------------------------------------------------------------
 
 
-def load_engine(spec: EngineSpec):
-    """``(engine, tokenizer)`` for ``spec``; vLLM is imported only when asked for."""
-    from ..tokenizer import Llama2Tokenizer
+def load_engine(spec: EngineSpec) -> Tuple[Engine, Any]:
+    """``(engine, tokenizer)`` for ``spec``, built through ModelScope's ``Model.from_pretrained``.
 
-    if spec.engine == "vllm":
-        from ..engines.vllm_engine import VllmEngine
-
-        engine = VllmEngine(spec.model, revision=spec.revision, dtype=spec.dtype, **dict(spec.engine_options))
-        return engine, engine.tokenizer
-    if spec.engine != "transformers":
-        raise ValueError(f"engine: expected 'transformers' or 'vllm', got {spec.engine!r}")
+    The facade picks the engine (``llm_framework``) and imports vLLM only
+    when asked for; the transformers engine gets a prefix cache of
+    ``spec.prefix_cache_entries`` conversations, the cache affinity routing fills.
+    """
+    import modelscope_llama2  # noqa: F401  (registers the model with ModelScope)
     from modelscope import Model
 
-    from ..engines.prefix_cache import PromptCache
-    from ..engines.transformers_engine import TransformersEngine
+    from ..constants import LLM_FRAMEWORK_KEY
+    from ..tokenizer import Llama2Tokenizer
 
-    kwargs: Dict[str, Any] = {"device": spec.device or "cpu"}
-    if spec.revision:
-        kwargs["revision"] = spec.revision
+    kwargs: Dict[str, Any] = {LLM_FRAMEWORK_KEY: spec.engine, **spec.engine_options}
+    for key, value in (("revision", spec.revision), ("device", spec.device)):
+        if value is not None:
+            kwargs[key] = value
     if spec.dtype != "auto":
-        kwargs["torch_dtype"] = spec.dtype
+        kwargs["torch_dtype" if spec.engine == "transformers" else "dtype"] = spec.dtype
     model = Model.from_pretrained(spec.model, **kwargs)
-    engine = TransformersEngine(model, prefix_cache=PromptCache(max_entries=spec.prefix_cache_entries))
-    return engine, Llama2Tokenizer.from_pretrained(model.model_dir)
+    if spec.engine == "transformers":
+        model.set_prompt_cache(max_entries=spec.prefix_cache_entries)
+    return model.engine, Llama2Tokenizer.from_pretrained(model.model_dir)
 
 
 class ModelReplica:
@@ -401,3 +403,40 @@ def build_application(engine: EngineSpec, config: ServerConfig, scale: ScaleSpec
 def _positive_int(value: Any, name: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
+def run(engine: EngineSpec, config: ServerConfig, scale: ScaleSpec, host: str = "127.0.0.1", port: int = 8000,
+        ray_address: Optional[str] = None, app_name: str = APP_NAME) -> None:
+    """Serve on Ray until SIGINT/SIGTERM: a local Ray instance, or the cluster at ``ray_address`` (``auto``: this machine's).
+
+    Serve's HTTP proxy listens on ``host:port`` of the head node. On the way
+    out the application is deleted; a local instance is shut down, a joined
+    cluster keeps running.
+    """
+    import ray
+
+    joined = ray_address is not None
+    ray.init(address=ray_address) if joined else ray.init(include_dashboard=False)
+    try:
+        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        serve.run(build_application(engine, config, scale), name=app_name, route_prefix="/")
+        logger.info("serving %s on http://%s:%d/v1 with %d replica(s) of %s", config.served_model_name, host, port,
+                    scale.replicas, engine.model)
+        _wait_for_stop_signal()
+    finally:
+        if joined:
+            serve.delete(app_name)
+        else:
+            serve.shutdown()
+        ray.shutdown()
+
+
+def _wait_for_stop_signal() -> None:
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(0.5):  # a timed wait lets the handlers run promptly
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
