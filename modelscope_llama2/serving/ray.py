@@ -205,6 +205,10 @@ def load_engine(spec: EngineSpec) -> Tuple[Engine, Any]:
     model = Model.from_pretrained(spec.model, **kwargs)
     if spec.engine == "transformers":
         model.set_prompt_cache(max_entries=spec.prefix_cache_entries)
+        # The app sends every sampling setting explicitly (the checkpoint's defaults included), and a
+        # prompt without do_sample is greedy (SamplingParams.greedy): generate() must not fall back
+        # to generation_config.json's do_sample=True.
+        model.generation_config.do_sample = False
     return model.engine, Llama2Tokenizer.from_pretrained(model.model_dir)
 
 
