@@ -232,8 +232,9 @@ class ModelReplica:
         return {"rank": self._served_by.rank, "turn_end_ids": list(self._turn_end)}
 
     def card(self) -> ReplicaCard:
+        """What the ingress builds prompts with (asked once, when it starts)."""
         return ReplicaCard(self._backend.tokenizer, self._engine.context_length, self._engine.name,
-                         frozenset(self._engine.sampling_options))
+                           frozenset(self._engine.sampling_options))
 
     async def stream(self, prompt: Prompt) -> AsyncIterator[Union[ServedBy, TextDelta]]:
         yield self._served_by
