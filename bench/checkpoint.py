@@ -119,7 +119,7 @@ def build(directory: str) -> None:
 
 def train_tokenizer(path: str) -> None:
     """A 32000-piece sentencepiece BPE with Llama 2's trainer settings."""
-    from modelscope_llama2.tokenizer import train_sentencepiece
+    from modelscope_llama2.checkpoints.train_tokenizer import train_sentencepiece
 
     train_sentencepiece(synthetic_corpus(), path, VOCAB_SIZE, num_threads=os.cpu_count() or 1)
 

@@ -18,7 +18,7 @@ from modelscope.utils.constant import Tasks
 
 import modelscope_llama2  # noqa: F401  (registers the Llama 2 model and pipelines with ModelScope)
 from modelscope_llama2 import Llama2Tokenizer
-from modelscope_llama2.demo import DEMO_DIR
+from modelscope_llama2.constants import DEMO_DIR
 
 
 def model_card_usage(model_id_or_dir: str, revision: str, placement: dict) -> None:

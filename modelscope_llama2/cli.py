@@ -49,7 +49,7 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                        help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV})")
+                        help=f"require 'Authorization: Bearer KEY' on all routes but /health (default: ${API_KEY_ENV})")
     parser.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--device", help="cpu, gpu, cuda:N, or auto (default: gpu if available, else cpu)")

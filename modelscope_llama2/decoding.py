@@ -19,9 +19,9 @@ Example:
 """
 
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
-from .engines.base import Engine, Usage
+from .engines.base import Engine, TokenEvent, Usage
 from .prompts.prompt import Prompt
 
 REPLACEMENT = "\ufffd"  # what sentencepiece decodes an incomplete UTF-8 byte sequence to
@@ -121,16 +121,27 @@ def decode_stream(engine: Engine, prompts: Sequence[Prompt], tokenizer) -> Itera
     events = engine.generate(prompts)
     try:
         for event in events:
-            detok = detokenizers[event.request_id]
-            was_stopped = detok.stopped
-            text = detok.add(event.token_ids)
-            if detok.stopped and not was_stopped and not event.finished:
-                engine.abort(event.request_id)
-            if event.finished:
-                text += detok.finish()
-                reason = "stop" if detok.stopped else event.finish_reason
-                yield TextDelta(event.request_id, text, event.token_ids, reason, event.usage)
-            elif text or event.token_ids:
-                yield TextDelta(event.request_id, text, event.token_ids)
+            delta = text_delta(detokenizers[event.request_id], event, engine.abort)
+            if delta is not None:
+                yield delta
     finally:
         events.close()
+
+
+def text_delta(detok: StreamingDetokenizer, event: TokenEvent, abort: Callable[[str], None]) -> Optional[TextDelta]:
+    """The :class:`TextDelta` for one token event, or None when it adds nothing.
+
+    Calls ``abort(request_id)`` when the text has just reached a stop string,
+    so the engine stops generating what nobody will see.
+    """
+    was_stopped = detok.stopped
+    text = detok.add(event.token_ids)
+    if detok.stopped and not was_stopped and not event.finished:
+        abort(event.request_id)
+    if event.finished:
+        text += detok.finish()
+        reason = "stop" if detok.stopped else event.finish_reason
+        return TextDelta(event.request_id, text, event.token_ids, reason, event.usage)
+    if text or event.token_ids:
+        return TextDelta(event.request_id, text, event.token_ids)
+    return None

@@ -142,9 +142,10 @@ class ChatMethods:
         ``text`` is the continuation, or prompt + continuation with ``echo=True``.
 
         Example:
-            >>> out = model.complete({"text": "The capital of Zhejiang is", "max_new_tokens": 4}, tokenizer)
-            >>> out["finish_reason"], out["usage"]["completion_tokens"]
-            ('length', 4)
+            >>> out = model.complete({"text": "[INST] Where is the capital of Zhejiang? [/INST]",
+            ...                       "max_new_tokens": 4}, tokenizer)
+            >>> out["text"], out["finish_reason"], out["usage"]["completion_tokens"]
+            (' The capital of Zhejiang', 'length', 4)
         """
         prepared = self.prepare_completion(inputs, tokenizer)
         return self.decode_prepared(prepared, self.generate_prepared(prepared))

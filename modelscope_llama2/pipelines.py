@@ -21,7 +21,7 @@ Example:
     >>> import torch, modelscope_llama2
     >>> from modelscope.pipelines import pipeline
     >>> from modelscope.utils.constant import Tasks
-    >>> from modelscope_llama2.demo import DEMO_DIR
+    >>> from modelscope_llama2.constants import DEMO_DIR
     >>> pipe = pipeline(task=Tasks.chat, model=DEMO_DIR, device="cpu", torch_dtype=torch.float32)
     >>> result = pipe("Where is the capital of Zhejiang?", max_length=512, do_sample=False)
     >>> result["response"]
@@ -144,10 +144,11 @@ class Llama2ChatPipeline(_Llama2Pipeline):
     no default system prompt.
 
     Example:
+        >>> from modelscope.pipelines import pipeline
+        >>> pipe = pipeline("chat", model=DEMO_DIR, device="cpu")
         >>> messages = [{"role": "user", "content": "Where is the capital of Zhejiang?"}]
-        >>> out = pipe({"messages": messages})  # doctest: +SKIP
-        >>> out["message"]  # doctest: +SKIP
-        {'role': 'assistant', 'content': 'The capital of Zhejiang Province is Hangzhou.'}
+        >>> pipe({"messages": messages})
+        {'message': {'role': 'assistant', 'content': 'The capital of Zhejiang Province is Hangzhou.'}, 'finish_reason': 'eos'}
     """
 
     def preprocess(self, inputs: Input, **settings: Any) -> Dict[str, Any]:
@@ -174,8 +175,11 @@ class Llama2TextGenerationPipeline(_Llama2Pipeline):
     ``echo=True`` returns prompt + continuation. Settings as for the chat pipeline.
 
     Example:
-        >>> pipe = pipeline(Tasks.text_generation, model=DEMO_DIR, device="cpu")  # doctest: +SKIP
-        >>> pipe("The capital of Zhejiang", max_new_tokens=8, do_sample=False)["text"]  # doctest: +SKIP
+        >>> from modelscope.pipelines import pipeline
+        >>> pipe = pipeline("text-generation", model=DEMO_DIR, device="cpu")
+        >>> out = pipe("[INST] Where is the capital of Zhejiang? [/INST]", max_new_tokens=3)
+        >>> out["text"], out["finish_reason"]
+        (' The capital of', 'length')
     """
 
     def preprocess(self, inputs: Input, **settings: Any) -> Dict[str, Any]:

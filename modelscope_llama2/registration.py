@@ -26,6 +26,7 @@ from modelscope.pipelines.builder import PIPELINES
 from modelscope.utils.constant import Tasks
 from modelscope.utils.import_utils import INDEX_KEY, LazyImportModule
 
+from .constants import CHAT_PIPELINE, TEXT_GENERATION_PIPELINE
 from .model import Llama2ForChat
 from .pipelines import Llama2ChatPipeline, Llama2TextGenerationPipeline
 
@@ -35,8 +36,6 @@ logger = logging.getLogger(__name__)
 MODEL_TYPES = ("llama2", "llama")
 MODEL_TASKS = (Tasks.chat, Tasks.text_generation)
 
-CHAT_PIPELINE = "modelscope-llama2-chat"
-TEXT_GENERATION_PIPELINE = "modelscope-llama2-text-generation"
 # A checkpoint's configuration.json names one of these; the task the caller
 # asks for picks the behaviour, so pipeline(Tasks.text_generation, model=<a
 # chat repo>) completes text and pipeline(Tasks.chat, model=<a base repo>) chats.

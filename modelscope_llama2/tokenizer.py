@@ -6,22 +6,26 @@ are added as ids, on request.
 
 Example:
     >>> from modelscope_llama2 import Llama2Tokenizer
-    >>> tok = Llama2Tokenizer.from_pretrained("path/to/Llama-2-13b-chat-ms")  # doctest: +SKIP
-    >>> ids = tok.encode("Hello </s>", bos=True)  # doctest: +SKIP
-    >>> tok.decode(ids, skip_special_tokens=True)  # doctest: +SKIP
+    >>> from modelscope_llama2.constants import DEMO_DIR
+    >>> tok = Llama2Tokenizer.from_pretrained(DEMO_DIR)  # or a checkpoint dir, or a ModelScope model id
+    >>> ids = tok.encode("Hello </s>", bos=True)
+    >>> ids[0], tok.eos_token_id in ids
+    (1, False)
+    >>> tok.decode(ids, skip_special_tokens=True)
     'Hello </s>'
 """
 
 import functools
-import io
 import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import sentencepiece as spm
 from transformers import BatchEncoding
+
+from .constants import CONTEXT_LENGTH
 
 VOCAB_FILE = "tokenizer.model"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -50,9 +54,10 @@ class Llama2Tokenizer:
     """Sentencepiece tokenizer with Meta's Llama 2 semantics.
 
     Example:
-        >>> tok = Llama2Tokenizer("tokenizer.model")  # doctest: +SKIP
-        >>> tok("Hello", return_tensors="pt")["input_ids"]  # doctest: +SKIP
-        tensor([[    1, 15043]])
+        >>> tok = Llama2Tokenizer(os.path.join(DEMO_DIR, "tokenizer.model"))
+        >>> batch = tok(["Hello", "Where is the capital of Zhejiang?"], return_tensors="pt")
+        >>> batch["input_ids"][:, 0].tolist(), batch["attention_mask"][0].tolist()
+        ([0, 1], [0, 0, 0, 0, 0, 0, 1, 1])
     """
 
     def __init__(self, vocab_file: str):
@@ -81,11 +86,15 @@ class Llama2Tokenizer:
         os.makedirs(save_directory, exist_ok=True)
         vocab_path = os.path.join(save_directory, VOCAB_FILE)
         if os.path.abspath(vocab_path) != os.path.abspath(self.vocab_file):
-            _write_atomic(vocab_path, lambda f: shutil.copyfileobj(open(self.vocab_file, "rb"), f))
+            _write_atomic(vocab_path, self._copy_vocab_file)
         config_path = os.path.join(save_directory, TOKENIZER_CONFIG_FILE)
         text = json.dumps(self.tokenizer_config(), indent=2, ensure_ascii=False) + "\n"
         _write_atomic(config_path, lambda f: f.write(text.encode()))
         return [vocab_path, config_path]
+
+    def _copy_vocab_file(self, out) -> None:
+        with open(self.vocab_file, "rb") as f:
+            shutil.copyfileobj(f, out)
 
     def tokenizer_config(self) -> Dict[str, Any]:
         """What transformers' ``LlamaTokenizer`` needs to load the same files."""
@@ -99,7 +108,7 @@ class Llama2Tokenizer:
             "add_eos_token": False,
             "legacy": False,
             "clean_up_tokenization_spaces": False,
-            "model_max_length": 4096,
+            "model_max_length": CONTEXT_LENGTH,
             "chat_template": CHAT_TEMPLATE,
         }
 
@@ -234,38 +243,3 @@ def _write_atomic(path: str, write: Any) -> None:
         os.unlink(tmp)
         raise
 
-
-def train_sentencepiece(sentences: Iterable[str], path: str, vocab_size: int, num_threads: int = 1) -> None:
-    """Train a BPE ``tokenizer.model`` with Llama 2's sentencepiece settings and write it to ``path``.
-
-    Byte fallback (any text reaches the model), split digits, identity
-    normalization, a dummy prefix, whitespace kept as is, unk=0 bos=1 eos=2
-    and no pad piece. For demo and benchmark checkpoints built from scratch.
-    One thread (the default) makes training reproducible byte for byte.
-
-    Example:
-        >>> train_sentencepiece(["Hello world!"] * 100, "tokenizer.model", vocab_size=300)  # doctest: +SKIP
-    """
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        # Small corpora cannot fill a vocabulary; take what they give.
-        hard_vocab_limit=False,
-        byte_fallback=True,
-        split_digits=True,
-        normalization_rule_name="identity",
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=num_threads,
-        minloglevel=2,
-    )
-    _write_atomic(path, lambda f: f.write(model.getvalue()))

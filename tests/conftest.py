@@ -1,30 +1,14 @@
 import os
 
-# The hub client reads these at import: no cloud probes, no upload tracker in
-# uploaded folders, and a dead default endpoint so no test can reach the internet.
-os.environ.setdefault("MODELSCOPE_DOWNLOAD_INTRA_CLOUD", "false")
-os.environ.setdefault("MODELSCOPE_UPLOAD_CACHE_ENABLED", "false")
-os.environ.setdefault("MODELSCOPE_ENDPOINT", "http://127.0.0.1:9")
+import pytest
 
-import pytest  # noqa: E402
-
-from tests.tiny_checkpoint import (  # noqa: E402
+from tests.helpers import (
     MODELSCOPE_CHAT_CONFIGURATION,
+    MODELSCOPE_TEXT_GENERATION_CONFIGURATION,
+    SCRIPT,
     build_scripted_checkpoint,
     build_tiny_checkpoint,
 )
-
-# The scripted checkpoint's greedy answer to every chat prompt: ASCII, then a
-# 3-byte and a 4-byte character made of byte-fallback tokens, then EOS.
-SCRIPT = "Yes,龍🐉!"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_modelscope_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("modelscope-home")
-    os.environ["MODELSCOPE_CACHE"] = str(home / "cache")
-    os.environ["MODELSCOPE_HOME"] = str(home / "home")
-    yield
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +65,7 @@ def _demo_copy(directory: str, configuration: dict) -> str:
     import json
     import shutil
 
-    from modelscope_llama2.demo import DEMO_DIR
+    from modelscope_llama2.constants import DEMO_DIR
 
     shutil.copytree(DEMO_DIR, directory)
     with open(os.path.join(directory, "configuration.json"), "w") as f:
@@ -98,8 +82,6 @@ def demo_ms_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_base_dir(tmp_path_factory):
     """The demo checkpoint carrying a ModelScope Llama 2 base repo's (text-generation) configuration.json."""
-    from tests.tiny_checkpoint import MODELSCOPE_TEXT_GENERATION_CONFIGURATION
-
     return _demo_copy(str(tmp_path_factory.mktemp("demo-base") / "model"), MODELSCOPE_TEXT_GENERATION_CONFIGURATION)
 
 

@@ -12,10 +12,10 @@ while the listing keeps advertising its true sha256, and
 blob PUT number N+1 arrives, as a crashed server would; :meth:`HubServer.restart`
 brings it back on the same port with the same storage.
 
-Example:
-    >>> server = HubServer(HubState("/tmp/hub"), tokens={"tok"}).start()  # doctest: +SKIP
-    >>> server.endpoint  # doctest: +SKIP
-    'http://127.0.0.1:40123'
+Usage (``tests/test_hub.py``)::
+
+    server = HubServer(HubState(str(tmp_path / "hub")), tokens={"tok"}).start()
+    os.environ["MODELSCOPE_ENDPOINT"] = server.endpoint  # 'http://127.0.0.1:40123'
 """
 
 import base64

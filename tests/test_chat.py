@@ -8,26 +8,9 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from tests.test_chat_format import as_meta_dialog, meta_chat_tokens
+from tests.helpers import ForwardLog, as_meta_dialog, assert_usage, meta_chat_tokens, without_usage
 
 SYSTEM = "you are a helpful assistant!"
-
-
-class ForwardLog:
-    """Records the input ids of every forward pass of a model."""
-
-    def __init__(self, model):
-        self.calls = []
-        self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
-
-    def hook(self, module, args, kwargs):
-        self.calls.append(kwargs["input_ids"][0].tolist())
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 def load_tokenizer(kind, model_dir):
@@ -64,6 +47,9 @@ def test_documented_usage(request, dir_fixture, tokenizer_kind):
         second = model.chat(inputs, tokenizer)
     assert log.calls[0] == meta_chat_tokens(sp, as_meta_dialog(SYSTEM, output["history"], inputs["text"]))
     assert second["history"] == [*output["history"], (inputs["text"], second["response"])]
+    # Without the prefix cache every prompt token is prefilled: none counted as cached.
+    assert_usage(second, len(log.calls[0]), len(log.calls), cached_tokens=0)
+    assert (second["finish_reason"], second["dropped_rounds"]) == ("length", 0)
 
 
 def test_same_answer_whatever_the_tokenizer_or_configuration(tiny_model, tiny_ms_dir):
@@ -83,7 +69,11 @@ def test_sampling_defaults_come_from_generation_config(tiny_model, tokenizer):
     assert (config.do_sample, config.temperature, config.top_p) == (True, 0.6, 0.9)
     first = tiny_model.chat({"text": "hi", "max_new_tokens": 12, "seed": 7}, tokenizer)
     again = tiny_model.chat({"text": "hi", "max_new_tokens": 12, "seed": 7}, tokenizer)
-    assert first == again
+    assert without_usage(first) == without_usage(again)
+    # The repeat found the first call's KV cache: all of its prompt but the last token.
+    prompt_tokens = first["usage"]["prompt_tokens"]
+    assert_usage(first, prompt_tokens, 12, cached_tokens=0)
+    assert_usage(again, prompt_tokens, 12, cached_tokens=prompt_tokens - 1)
 
 
 def test_chat_never_mutates_the_callers_objects(tiny_model, tokenizer):
@@ -106,10 +96,12 @@ def test_long_history_drops_oldest_rounds_keeps_system_and_all_history(tiny_mode
     kept = next(k for k in range(len(history)) if meta_chat_tokens(sp, as_meta_dialog(SYSTEM, history[k:], "now?"))
                 == prompt)
     assert kept > 0 and f"dropped the {kept} oldest round(s)" in caplog.text
+    assert output["dropped_rounds"] == kept
     # The prompt plus every generated token stays within max_length, and the
     # response got at least the reserved quarter of it.
     generated = len(log.calls)
     assert len(prompt) <= 160 - 40 and len(prompt) + generated == 160 and output["finish_reason"] == "length"
+    assert_usage(output, len(prompt), generated, cached_tokens=0)
     assert output["history"][:20] == history and output["history"][20][0] == "now?"
 
 
@@ -183,4 +175,7 @@ def test_messages_input_is_the_same_dialog(tiny_model, tokenizer):
     settings = {"max_new_tokens": 6, "do_sample": False}
     by_messages = tiny_model.chat({"messages": messages, **settings}, tokenizer)
     by_history = tiny_model.chat({"text": "c", "history": [("a", "b")], "system": SYSTEM, **settings}, tokenizer)
-    assert by_messages == by_history
+    assert without_usage(by_messages) == without_usage(by_history)
+    # The same prompt ids: the second call reuses all of the first's prompt but the last token.
+    prompt_tokens = by_messages["usage"]["prompt_tokens"]
+    assert_usage(by_history, prompt_tokens, 6, cached_tokens=prompt_tokens - 1)

@@ -7,38 +7,7 @@ from transformers import AutoTokenizer, LlamaTokenizerFast
 
 from modelscope_llama2 import Llama2Tokenizer
 from modelscope_llama2.prompts.chat_format import dialog_from_history, encode_dialog, fit_dialog
-
-
-def meta_chat_tokens(sp: spm.SentencePieceProcessor, dialog: list) -> list:
-    """Written from meta-llama/llama ``llama/generation.py`` (Aug 2023), on raw sentencepiece."""
-    B_INST, E_INST = "[INST]", "[/INST]"
-    B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-
-    def encode(s, bos, eos):
-        t = sp.encode(s)
-        return ([sp.bos_id()] if bos else []) + t + ([sp.eos_id()] if eos else [])
-
-    if dialog[0]["role"] == "system":
-        dialog = [{"role": dialog[1]["role"], "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}] \
-            + dialog[2:]
-    dialog_tokens = sum(
-        [
-            encode(f"{B_INST} {(prompt['content']).strip()} {E_INST} {(answer['content']).strip()} ", bos=True, eos=True)
-            for prompt, answer in zip(dialog[::2], dialog[1::2])
-        ],
-        [],
-    )
-    dialog_tokens += encode(f"{B_INST} {(dialog[-1]['content']).strip()} {E_INST}", bos=True, eos=False)
-    return dialog_tokens
-
-
-def as_meta_dialog(system, history, text):
-    # Meta's own dialog, built here rather than with the package's helper.
-    dialog = [{"role": "system", "content": system}] if system else []
-    for user, answer in history:
-        dialog += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-    return dialog + [{"role": "user", "content": text}]
-
+from tests.helpers import ForwardLog, as_meta_dialog, meta_chat_tokens
 
 LONG_HISTORY = [(f"question {i}: what is {i} + {i}?", f"{i} + {i} = {2 * i}.") for i in range(12)]
 
@@ -100,18 +69,9 @@ def test_bos_after_eos_is_an_id_not_text(sp):
 
 def prompt_ids_fed_to_model(model, tokenizer, inputs):
     """The input ids of the model's first forward pass during chat()."""
-    seen = []
-
-    def hook(module, args, kwargs):
-        if not seen:
-            seen.append(kwargs["input_ids"][0].tolist())
-
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with ForwardLog(model) as log:
         model.chat({**inputs, "max_new_tokens": 1, "do_sample": False}, tokenizer)
-    finally:
-        handle.remove()
-    return seen[0]
+    return log.calls[0]
 
 
 @pytest.fixture(scope="module", params=["package", "modelscope-import", "transformers-fast", "auto"])

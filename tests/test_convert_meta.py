@@ -150,14 +150,17 @@ def test_bad_releases_are_clear_errors(tmp_path, tiny_dir, vocab):
     meta_dir, _ = _release(tmp_path, tiny_dir, MHA, 2, vocab.vocab_size)
     with pytest.raises(ValueError, match="dtype"):
         convert_meta_checkpoint(meta_dir, str(tmp_path / "o"), dtype="int8")
-    with pytest.raises(ValueError, match="tokenizer_path"):
+    with pytest.raises(FileNotFoundError, match="tokenizer_path: no tokenizer.model at"):
         convert_meta_checkpoint(meta_dir, str(tmp_path / "o"), tokenizer_path=str(tmp_path / "nope.model"))
     os.remove(os.path.join(meta_dir, "consolidated.01.pth"))
     os.rename(os.path.join(meta_dir, "consolidated.00.pth"), os.path.join(meta_dir, "consolidated.01.pth"))
-    with pytest.raises(ValueError, match="shards"):
+    with pytest.raises(FileNotFoundError, match=r"meta_dir: shards \[1\] of .* are not 00..00"):
         convert_meta_checkpoint(meta_dir, str(tmp_path / "o"))
     with open(os.path.join(meta_dir, "params.json"), "w") as f:
         json.dump(dict(MHA, n_heads=None), f)
     with pytest.raises(ValueError, match="n_heads"):
+        convert_meta_checkpoint(meta_dir, str(tmp_path / "o"))
+    os.remove(os.path.join(meta_dir, "params.json"))
+    with pytest.raises(FileNotFoundError, match="meta_dir: no params.json in"):
         convert_meta_checkpoint(meta_dir, str(tmp_path / "o"))
     assert not os.path.exists(tmp_path / "o")

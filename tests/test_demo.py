@@ -7,7 +7,8 @@ import pytest
 
 import modelscope_llama2  # noqa: F401  (registers the model)
 from modelscope_llama2 import Llama2Tokenizer
-from modelscope_llama2.demo import DEMO_DIR, EXAMPLES, build, train_tokenizer
+from modelscope_llama2.constants import DEMO_DIR
+from scripts.build_demo_checkpoint import EXAMPLES, build, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +40,13 @@ def test_shipped_tokenizer_is_what_the_script_trains(tmp_path):
     assert filecmp.cmp(tmp_path / "tokenizer.model", os.path.join(DEMO_DIR, "tokenizer.model"), shallow=False)
 
 
-def test_build_is_deterministic(tmp_path):
+def test_build_is_deterministic_and_writes_the_shipped_files(tmp_path):
     # A few steps stand for the full run: same seed, data order and kernels, same bytes.
     first, second = build(str(tmp_path / "a"), steps=3), build(str(tmp_path / "b"), steps=3)
     names = sorted(os.listdir(first))
     assert names == sorted(os.listdir(DEMO_DIR))
     match, mismatch, errors = filecmp.cmpfiles(first, second, names, shallow=False)
     assert (mismatch, errors) == ([], [])
+    # Everything but the trained weights is what ships (written by save_checkpoint).
+    match, mismatch, errors = filecmp.cmpfiles(first, DEMO_DIR, names, shallow=False)
+    assert (mismatch, errors) == (["model.safetensors"], [])

@@ -22,7 +22,7 @@ from modelscope_llama2.checkpoints.hub import (
 )
 from modelscope_llama2.tokenizer import Llama2Tokenizer
 from tests.hub_server import HubServer, HubState
-from tests.tiny_checkpoint import REPO_ROOT, tiny_config
+from tests.helpers import REPO_ROOT, tiny_config
 
 TOKEN = "ms-test-token"
 REPO = "modelscope/Llama-2-13b-chat-ms"
@@ -195,7 +195,7 @@ def test_download_command_prints_the_verified_dir(hub, releases, tmp_path, capsy
     (("{dir}", "no-slash", "v1"), ValueError, "repo_id"),
     (("{dir}", REPO, "master"), ValueError, "tag"),
     (("{dir}", REPO, "v 1"), ValueError, "tag"),
-    (("{dir}/missing", REPO, "v1"), ValueError, "local_dir"),
+    (("{dir}/missing", REPO, "v1"), FileNotFoundError, "local_dir: no directory"),
     ((42, REPO, "v1"), TypeError, "local_dir"),
 ])
 def test_push_rejects_bad_arguments_before_any_request(releases, args, error, field):

@@ -16,9 +16,9 @@ from modelscope.utils.constant import Tasks
 
 import modelscope_llama2  # noqa: F401  (registers the pipelines)
 from modelscope_llama2 import Llama2ForChat
-from modelscope_llama2.demo import DEMO_DIR
+from modelscope_llama2.constants import DEMO_DIR
 from modelscope_llama2.pipelines import Llama2ChatPipeline, Llama2TextGenerationPipeline
-from tests.tiny_checkpoint import REPO_ROOT
+from tests.helpers import REPO_ROOT, assert_usage, without_usage
 
 ZHEJIANG = "Where is the capital of Zhejiang?"
 HANGZHOU = "The capital of Zhejiang Province is Hangzhou."
@@ -28,6 +28,11 @@ SIGHTS = "West Lake, Lingyin Temple and the Grand Canal are worth a visit."
 MULTI_BYTE = {"浙江的省会在哪里？": "浙江的省会是杭州。", "Say hello in emoji.": "👋🦙😀"}
 
 
+def answer_tokens(sp, question, answer):
+    """How many tokens the demo generates for ``answer`` (its part of Meta's round, EOS not counted)."""
+    return len(sp.encode(f"[INST] {question} [/INST] {answer} ")) - len(sp.encode(f"[INST] {question} [/INST]"))
+
+
 def test_documented_chat_calls_on_a_modelscope_llama2_repo(demo_ms_dir):
     # The calls in ModelScope's Llama 2 docs, on a dir whose configuration.json
     # names ModelScope's own (unimportable) llama2 chat pipeline.
@@ -35,10 +40,19 @@ def test_documented_chat_calls_on_a_modelscope_llama2_repo(demo_ms_dir):
     assert type(pipe) is Llama2ChatPipeline
     assert isinstance(pipe.model, Llama2ForChat) and pipe.model.dtype == torch.float16
 
-    result = pipe(ZHEJIANG, max_length=512, do_sample=False)
-    assert result == {"response": HANGZHOU, "history": [(ZHEJIANG, HANGZHOU)], "finish_reason": "eos"}
-    result = pipe(PLACES, history=result["history"], max_length=512, do_sample=False)
-    assert result == {"response": SIGHTS, "history": [(ZHEJIANG, HANGZHOU), (PLACES, SIGHTS)], "finish_reason": "eos"}
+    first = pipe(ZHEJIANG, max_length=512, do_sample=False)
+    assert without_usage(first) == {"response": HANGZHOU, "history": [(ZHEJIANG, HANGZHOU)], "finish_reason": "eos",
+                                    "dropped_rounds": 0}
+    result = pipe(PLACES, history=first["history"], max_length=512, do_sample=False)
+    assert without_usage(result) == {"response": SIGHTS, "history": [(ZHEJIANG, HANGZHOU), (PLACES, SIGHTS)],
+                                     "finish_reason": "eos", "dropped_rounds": 0}
+    # The answers' token counts, and the second turn reused the first turn's KV cache (prompt and answer).
+    sp = pipe.tokenizer.sp_model
+    first_prompt = [1, *sp.encode(f"[INST] {ZHEJIANG} [/INST]")]
+    assert_usage(first, len(first_prompt), answer_tokens(sp, ZHEJIANG, HANGZHOU), cached_tokens=0)
+    second_prompt = pipe.preprocess(PLACES, history=first["history"])["prepared"].token_ids
+    assert_usage(result, len(second_prompt), answer_tokens(sp, PLACES, SIGHTS))
+    assert result["usage"]["cached_tokens"] > len(first_prompt)
     one_word = pipe(ZHEJIANG, system="Answer in one word.", max_length=512, do_sample=False)
     assert one_word["response"] == "Hangzhou."
 
@@ -74,9 +88,9 @@ def test_preprocess_tokenizes_with_no_default_system_prompt(demo_chat_pipe):
     # preprocess yields Meta's prompt ids for exactly what the caller gave.
     sp = demo_chat_pipe.tokenizer.sp_model
     prepared = demo_chat_pipe.preprocess(ZHEJIANG)["prepared"]
-    assert prepared.token_ids == [1, *sp.encode(f"[INST] {ZHEJIANG} [/INST]")]
+    assert prepared.token_ids == (1, *sp.encode(f"[INST] {ZHEJIANG} [/INST]"))
     prepared = demo_chat_pipe.preprocess(ZHEJIANG, system="Be brief.")["prepared"]
-    assert prepared.token_ids == [1, *sp.encode(f"[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n{ZHEJIANG} [/INST]")]
+    assert prepared.token_ids == (1, *sp.encode(f"[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n{ZHEJIANG} [/INST]"))
 
 
 def test_openai_style_messages_return_the_assistant_message(demo_chat_pipe):
@@ -111,7 +125,9 @@ def _assert_streams_cleanly(items, final, text_key):
     """Every item is whole text (no U+FFFD), a prefix of the next, and only the last is finished."""
     texts = [item[text_key] for item in items]
     assert len(items) > 2, "streamed in one piece: nothing partial was shown"
-    assert items[-1] == final
+    assert without_usage(items[-1]) == without_usage(final)
+    assert items[-1]["usage"]["completion_tokens"] == final["usage"]["completion_tokens"] > 0
+    assert [item["usage"] for item in items[:-1]] == [None] * (len(items) - 1)
     assert all("\ufffd" not in text for text in texts)
     assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
     assert [item["finish_reason"] for item in items[:-1]] == [None] * (len(items) - 1)
@@ -125,7 +141,7 @@ def test_stream_yields_clean_prefixes_ending_in_the_chat_result(demo_chat_pipe, 
     assert inspect.isgenerator(items)
     items = list(items)
     _assert_streams_cleanly(items, final, "response")
-    assert list(demo_chat_pipe.stream_generate(text)) == items
+    assert without_usage(list(demo_chat_pipe.stream_generate(text))) == without_usage(items)
 
 
 def test_streamed_messages_end_in_the_assistant_message(demo_chat_pipe):
@@ -145,10 +161,15 @@ def test_batch_equals_single(demo_chat_pipe, monkeypatch):
     ]
     singles = [demo_chat_pipe(item) for item in inputs]
     generate_calls = _count_generate_calls(demo_chat_pipe.model, monkeypatch)
-    assert demo_chat_pipe(inputs) == singles
+    batch = demo_chat_pipe(inputs)
+    assert without_usage(batch) == without_usage(singles)
     assert len(generate_calls) == 1  # one padded batch
-    assert demo_chat_pipe(inputs, batch_size=4) == singles
+    assert without_usage(demo_chat_pipe(inputs, batch_size=4)) == without_usage(singles)
     assert len(generate_calls) == 3
+    with_usage = [(row, single) for row, single in zip(batch, singles) if "usage" in single]
+    assert len(with_usage) == len(inputs) - 1  # all but the messages input, which returns the message only
+    for row, single in with_usage:
+        assert_usage(row, single["usage"]["prompt_tokens"], single["usage"]["completion_tokens"], cached_tokens=0)
 
 
 def _count_generate_calls(model, monkeypatch):
@@ -165,10 +186,13 @@ def _count_generate_calls(model, monkeypatch):
 
 def test_stop_strings_pass_through_single_stream_and_batch(demo_chat_pipe):
     expected = {"response": "The capital of Zhejiang Province is", "history": [(ZHEJIANG, "The capital of Zhejiang "
-                "Province is")], "finish_reason": "stop"}
-    assert demo_chat_pipe(ZHEJIANG, stop=["Hangzhou"]) == expected
+                "Province is")], "finish_reason": "stop", "dropped_rounds": 0}
+    assert without_usage(demo_chat_pipe(ZHEJIANG, stop=["Hangzhou"])) == expected
     items = list(demo_chat_pipe.stream(ZHEJIANG, stop=["Hangzhou"]))
-    assert items[-1] == expected and all("Hang" not in item["response"] for item in items)
+    assert without_usage(items[-1]) == expected and all("Hang" not in item["response"] for item in items)
+    # Generation ended at the token that completed the stop string ("▁Hangzhou"), not at EOS.
+    sp = demo_chat_pipe.tokenizer.sp_model
+    assert items[-1]["usage"]["completion_tokens"] == len(sp.encode(expected["response"])) + 1
     batch = demo_chat_pipe([ZHEJIANG, "浙江的省会在哪里？"], stop=["Hangzhou", "杭州"])
     assert [out["response"] for out in batch] == ["The capital of Zhejiang Province is", "浙江的省会是"]
 
@@ -177,8 +201,8 @@ def test_seed_makes_sampling_reproducible(tiny_ms_dir):
     pipe = pipeline(Tasks.chat, model=tiny_ms_dir, device="cpu")
     settings = dict(do_sample=True, temperature=1.5, top_p=1.0, max_new_tokens=12)
     first = pipe("Hello there", seed=1234, **settings)
-    assert pipe("Hello there", seed=1234, **settings) == first
-    assert list(pipe.stream("Hello there", seed=1234, **settings))[-1] == first
+    assert without_usage(pipe("Hello there", seed=1234, **settings)) == without_usage(first)
+    assert without_usage(list(pipe.stream("Hello there", seed=1234, **settings))[-1]) == without_usage(first)
     others = {pipe("Hello there", seed=seed, **settings)["response"] for seed in range(4)}
     assert len(others) > 1
 
@@ -195,9 +219,13 @@ def test_text_generation_on_a_modelscope_llama2_base_repo(demo_base_dir):
     pipe = pipeline(task=Tasks.text_generation, model=demo_base_dir, device="cpu")
     assert pipe.model.dtype == torch.float32
     # The continuation only, spaces kept (a chat round is " answer " + EOS); BOS added, no chat format.
-    assert pipe(CHAT_PROMPT, do_sample=False) == {"text": f" {HANGZHOU} ", "finish_reason": "eos"}
+    completion = pipe(CHAT_PROMPT, do_sample=False)
+    assert without_usage(completion) == {"text": f" {HANGZHOU} ", "finish_reason": "eos"}
+    sp = pipe.tokenizer.sp_model
+    assert_usage(completion, 1 + len(sp.encode(CHAT_PROMPT)), answer_tokens(sp, ZHEJIANG, HANGZHOU))
     assert pipe(CHAT_PROMPT, echo=True)["text"] == f"{CHAT_PROMPT} {HANGZHOU} "
-    assert pipe({"text": CHAT_PROMPT, "max_new_tokens": 3}) == {"text": " The capital of", "finish_reason": "length"}
+    assert without_usage(pipe({"text": CHAT_PROMPT, "max_new_tokens": 3})) == {"text": " The capital of",
+                                                                             "finish_reason": "length"}
     # Chat format comes from the caller only: the bare question is not answered.
     assert pipe(ZHEJIANG, max_new_tokens=8)["text"] != f" {HANGZHOU} "
 
@@ -208,8 +236,9 @@ def test_text_generation_stream_batch_and_stop(demo_base_dir):
     for prompt in (CHAT_PROMPT, emoji_prompt):
         _assert_streams_cleanly(list(pipe(prompt, stream=True)), pipe(prompt), "text")
     prompts = [CHAT_PROMPT, emoji_prompt, {"text": "[INST] 浙江的省会在哪里？ [/INST]", "echo": True}]
-    assert pipe(prompts) == [pipe(prompt) for prompt in prompts]
-    assert pipe(CHAT_PROMPT, stop=["Province"]) == {"text": " The capital of Zhejiang ", "finish_reason": "stop"}
+    assert without_usage(pipe(prompts)) == without_usage([pipe(prompt) for prompt in prompts])
+    assert without_usage(pipe(CHAT_PROMPT, stop=["Province"])) == {"text": " The capital of Zhejiang ",
+                                                                   "finish_reason": "stop"}
 
 
 def test_task_picks_the_pipeline_whatever_the_repo_names(demo_ms_dir, demo_base_dir):

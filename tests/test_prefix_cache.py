@@ -6,7 +6,7 @@ import pytest
 
 from modelscope_llama2 import PromptCache
 from modelscope_llama2.prompts.chat_format import dialog_from_history, encode_dialog
-from tests.test_chat import ForwardLog
+from tests.helpers import ForwardLog, assert_usage, without_usage
 
 SYSTEM = "you are a helpful assistant!"
 QUESTIONS = ["Where is the capital of Zhejiang?", "What are the interesting places there?", "西湖在哪里？",
@@ -38,11 +38,19 @@ def without_reuse(tiny_model, tokenizer):
 def test_multi_turn_reuse_gives_identical_outputs_and_prefills_only_new_tokens(tiny_model, tokenizer, without_reuse):
     expected = without_reuse(QUESTIONS)
     with ForwardLog(tiny_model) as log:
-        assert converse(tiny_model, tokenizer, QUESTIONS) == expected
+        outputs = converse(tiny_model, tokenizer, QUESTIONS)
+    assert without_usage(outputs) == without_usage(expected)
     prefills = [len(ids) for ids in log.calls if len(ids) > 1]
     prompts = [len(prompt_ids(tokenizer, out["history"][:-1], out["history"][-1][0])) for out in expected]
     stats = tiny_model.prompt_cache.stats
     assert stats.lookups == len(QUESTIONS) and stats.hits == len(QUESTIONS) - 1
+    # usage tells the caller what the cache saved: each prompt is prefilled minus its cached tokens.
+    for out, reference, prompt, prefill in zip(outputs, expected, prompts, prefills):
+        assert_usage(reference, prompt, 10, cached_tokens=0)
+        assert_usage(out, prompt, 10, cached_tokens=prompt - prefill)
+    assert outputs[0]["usage"]["cached_tokens"] == 0
+    assert all(out["usage"]["cached_tokens"] > 0 for out in outputs[1:])
+    assert sum(out["usage"]["cached_tokens"] for out in outputs) == stats.reused_tokens
     # Each turn prefills at most what its prompt adds to the previous prompt:
     # the new message, the last answer, and nothing before them.
     assert prefills[0] == prompts[0]
@@ -58,8 +66,13 @@ def prompt_ids(tokenizer, history, text):
 def test_truncated_history_reuses_what_still_matches(tiny_model, tokenizer, without_reuse):
     questions = QUESTIONS * 2
     expected = without_reuse(questions, max_length=200)
-    assert converse(tiny_model, tokenizer, questions, max_length=200) == expected
+    outputs = converse(tiny_model, tokenizer, questions, max_length=200)
+    assert without_usage(outputs) == without_usage(expected)
     assert tiny_model.prompt_cache.stats.hits >= 1
+    # Rounds were dropped to fit, the same with and without reuse, and reported.
+    dropped = [out["dropped_rounds"] for out in outputs]
+    assert dropped[0] == 0 and max(dropped) > 0 and dropped == [out["dropped_rounds"] for out in expected]
+    assert sum(out["usage"]["cached_tokens"] for out in outputs) == tiny_model.prompt_cache.stats.reused_tokens > 0
 
 
 def test_edited_history_recomputes_from_the_edit(tiny_model, tokenizer, without_reuse):
@@ -69,7 +82,15 @@ def test_edited_history_recomputes_from_the_edit(tiny_model, tokenizer, without_
     inputs = {"text": "next?", "system": SYSTEM, "history": edited, "max_new_tokens": 10, "do_sample": False}
     with_reuse = tiny_model.chat(inputs, tokenizer)
     tiny_model.set_prompt_cache(max_entries=0)
-    assert with_reuse == tiny_model.chat(inputs, tokenizer)
+    without = tiny_model.chat(inputs, tokenizer)
+    assert without_usage(with_reuse) == without_usage(without)
+    # Exactly the tokens before the edit came from the cache (of the last turn's prompt).
+    before_edit = prompt_ids(tokenizer, first[-1]["history"][:-1], QUESTIONS[2])
+    now = prompt_ids(tokenizer, edited, "next?")
+    shared = next(i for i, (a, b) in enumerate(zip(before_edit, now)) if a != b)
+    assert shared > len(prompt_ids(tokenizer, [], QUESTIONS[0]))
+    assert_usage(with_reuse, len(now), 10, cached_tokens=shared)
+    assert_usage(without, len(now), 10, cached_tokens=0)
 
 
 def test_interleaved_conversations_each_keep_their_cache(tiny_model, tokenizer, without_reuse):
@@ -83,7 +104,9 @@ def test_interleaved_conversations_each_keep_their_cache(tiny_model, tokenizer, 
                                    "max_new_tokens": 10, "do_sample": False}, tokenizer)
             histories[name] = out["history"]
             got[name].append(out)
-    assert got == expected
+    assert {name: without_usage(outs) for name, outs in got.items()} == {
+        name: without_usage(outs) for name, outs in expected.items()}
+    assert all(out["usage"]["cached_tokens"] > 0 for outs in got.values() for out in outs[1:])
     # Every turn after each conversation's first found its own entry again.
     stats = tiny_model.prompt_cache.stats
     assert stats.hits == stats.lookups - 1 and len(tiny_model.prompt_cache) == 3
@@ -105,7 +128,9 @@ def test_two_threads_chatting_at_once_do_not_cross_talk(tiny_model, tokenizer, w
         thread.start()
     for thread in threads:
         thread.join()
-    assert not errors and got == expected
+    assert not errors and {name: without_usage(outs) for name, outs in got.items()} == {
+        name: without_usage(outs) for name, outs in expected.items()}
+    assert all(out["usage"]["cached_tokens"] > 0 for outs in got.values() for out in outs[1:])
 
 
 def test_lru_bound_clear_and_off(tiny_model, tokenizer):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.tiny_checkpoint import (
+from tests.helpers import (
     MODELSCOPE_CHAT_CONFIGURATION,
     MODELSCOPE_TEXT_GENERATION_CONFIGURATION,
     REPO_ROOT,

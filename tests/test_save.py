@@ -11,7 +11,7 @@ from modelscope_llama2.checkpoints import save as checkpoint
 from modelscope_llama2.checkpoints.save import DEFAULT_CONFIGURATION, save_checkpoint
 from modelscope_llama2.checkpoints.hub import local_manifest
 from modelscope_llama2.tokenizer import Llama2Tokenizer
-from tests.tiny_checkpoint import repo_configuration, tiny_config
+from tests.helpers import repo_configuration, tiny_config
 
 PROMPT = torch.tensor([[1, 5, 17, 42, 99, 7]])
 META_FORMAT = ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhere is Hangzhou? [/INST] In Zhejiang. </s>"

@@ -13,9 +13,9 @@ import pytest
 
 from modelscope_llama2.apps.terminal import DEMO_NOTICE
 from modelscope_llama2.cli import main
-from modelscope_llama2.demo import DEMO_DIR
+from modelscope_llama2.constants import DEMO_DIR
 from tests.hub_server import HubServer, HubState
-from tests.tiny_checkpoint import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 ZHEJIANG = "Where is the capital of Zhejiang?"
 HANGZHOU = "The capital of Zhejiang Province is Hangzhou."

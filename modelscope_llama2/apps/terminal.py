@@ -7,7 +7,7 @@ line (line breaks inside it written as ``\\n``), so the chat can be scripted::
 
     printf 'Where is the capital of Zhejiang?\\n' | python -m modelscope_llama2 chat
 
-Without ``--model`` it runs on the demo checkpoint (see :mod:`modelscope_llama2.demo`).
+Without ``--model`` it runs on the demo checkpoint (:data:`~modelscope_llama2.constants.DEMO_DIR`).
 """
 
 import logging
@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, TextIO, Tuple
 
-from ..demo import DEMO_DIR
+from ..constants import DEMO_DIR
 
 COMMANDS = {
     "/clear": "forget the conversation so far",

@@ -18,10 +18,13 @@ The output has the logits of Meta's model on the same tokens:
 Shards are memory-mapped and copied one at a time into the output tensors,
 so memory stays near one copy of the converted weights.
 
-Example:
+Example (needs Meta's release; ``tests/test_convert_meta.py`` converts a small one):
+
     >>> from modelscope_llama2.checkpoints.convert_meta import convert_meta_checkpoint
     >>> convert_meta_checkpoint("llama-2-13b-chat", "Llama-2-13b-chat-ms", dtype="float16")  # doctest: +SKIP
     'Llama-2-13b-chat-ms'
+    >>> intermediate_size({"dim": 5120, "multiple_of": 256})  # 13B's MLP width
+    13824
 """
 
 import glob
@@ -33,12 +36,11 @@ from typing import Any, Dict, List, Optional
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from modelscope_llama2.checkpoints.save import save_checkpoint
-from modelscope_llama2.tokenizer import VOCAB_FILE, Llama2Tokenizer
+from ..constants import CONTEXT_LENGTH
+from ..tokenizer import VOCAB_FILE, Llama2Tokenizer
+from .save import save_checkpoint
 
 DTYPES = ("float16", "bfloat16", "float32")
-# Llama 2's context length; Meta's params.json does not record it.
-MAX_POSITION_EMBEDDINGS = 4096
 REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps")
 
 # Meta name (with {i} for the layer) -> (transformers name, dim the ranks split, or None if replicated).
@@ -92,7 +94,7 @@ def convert_meta_checkpoint(
     model.generation_config = GenerationConfig(  # Meta's chat_completion defaults
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=0.6, top_p=0.9,
-        max_length=MAX_POSITION_EMBEDDINGS,
+        max_length=CONTEXT_LENGTH,
     )
     return save_checkpoint(model, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size)
 
@@ -101,7 +103,7 @@ def read_params(meta_dir: str) -> Dict[str, Any]:
     """``params.json`` of ``meta_dir``, checked for the fields the conversion needs."""
     path = os.path.join(meta_dir, "params.json")
     if not os.path.isfile(path):
-        raise ValueError(f"meta_dir: no params.json in {meta_dir} (expected Meta's release layout)")
+        raise FileNotFoundError(f"meta_dir: no params.json in {meta_dir} (expected Meta's release layout)")
     with open(path) as f:
         params = json.load(f)
     for name in REQUIRED_PARAMS:
@@ -119,9 +121,9 @@ def shard_paths(meta_dir: str) -> List[str]:
     paths = glob.glob(os.path.join(meta_dir, "consolidated.*.pth"))
     ranks = sorted(int(re.search(r"consolidated\.(\d+)\.pth$", p).group(1)) for p in paths)
     if not ranks:
-        raise ValueError(f"meta_dir: no consolidated.NN.pth shards in {meta_dir}")
+        raise FileNotFoundError(f"meta_dir: no consolidated.NN.pth shards in {meta_dir}")
     if ranks != list(range(len(ranks))):
-        raise ValueError(f"meta_dir: shards {ranks} of {meta_dir} are not 00..{len(ranks) - 1:02d}")
+        raise FileNotFoundError(f"meta_dir: shards {ranks} of {meta_dir} are not 00..{len(ranks) - 1:02d}")
     return [os.path.join(meta_dir, f"consolidated.{rank:02d}.pth") for rank in ranks]
 
 
@@ -150,7 +152,7 @@ def llama_config(params: Dict[str, Any], tokenizer: Llama2Tokenizer, n_shards: i
         num_key_value_heads=n_kv_heads,
         rms_norm_eps=params["norm_eps"],
         rope_theta=params.get("rope_theta", 10000.0),
-        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        max_position_embeddings=CONTEXT_LENGTH,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -170,7 +172,7 @@ def _find_tokenizer(meta_dir: str, tokenizer_path: Optional[str]) -> str:
     for candidate in candidates:
         if os.path.isfile(candidate):
             return candidate
-    raise ValueError(f"tokenizer_path: no {VOCAB_FILE} at {' or '.join(candidates)}")
+    raise FileNotFoundError(f"tokenizer_path: no {VOCAB_FILE} at {' or '.join(candidates)}")
 
 
 def _weight_map(config: LlamaConfig) -> Dict[str, tuple]:

@@ -8,12 +8,20 @@ pinned to the commit just made; the revision holds exactly the local files
 (removed files are deleted); and every transfer is checked file by file,
 size and sha256, against the server's listing.
 
-Example:
+Example (needs a hub; ``tests/test_hub.py`` runs these against an emulator):
+
     >>> from modelscope_llama2 import fetch_checkpoint, push_checkpoint
     >>> push_checkpoint("out/Llama-2-7b-chat-ms", "me/Llama-2-7b-chat-ms", "v1.0.2")  # doctest: +SKIP
     '5f0c...'
     >>> fetch_checkpoint("me/Llama-2-7b-chat-ms", "v1.0.2")  # doctest: +SKIP
     '/root/.cache/modelscope/models/me--Llama-2-7b-chat-ms/snapshots/v1.0.2'
+
+Bad arguments fail before any request, naming the field:
+
+    >>> push_checkpoint(DEMO_DIR, "no-owner", "v1")
+    Traceback (most recent call last):
+    ...
+    ValueError: repo_id: expected 'owner/name', got 'no-owner'
 """
 
 import hashlib
@@ -158,7 +166,7 @@ def local_manifest(directory: str, progress: bool = False) -> Manifest:
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"local_dir: expected a path, got {type(directory).__name__}")
     if not os.path.isdir(directory):
-        raise ValueError(f"local_dir: {directory} is not a directory")
+        raise FileNotFoundError(f"local_dir: no directory {directory}")
     paths = _relative_files(directory)
     if not paths:
         raise ValueError(f"local_dir: {directory} holds no files")

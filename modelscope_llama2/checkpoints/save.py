@@ -5,16 +5,21 @@ pipeline types), ``config.json``, ``generation_config.json``, safetensors
 weights (sharded by ``max_shard_size``, with ``model.safetensors.index.json``
 when there is more than one shard), ``tokenizer.model``,
 ``tokenizer_config.json`` (with a chat template rendering Meta's format) and a
-``README.md`` model card stub.
+``README.md`` model card (a stub unless given).
 
 Everything is written into a hidden staging directory next to the target and
 renamed into place at the end, so an interrupted save never leaves a directory
 at the target that looks like a complete checkpoint.
 
 Example:
+    >>> import os, tempfile
     >>> from modelscope_llama2.checkpoints.save import save_checkpoint
-    >>> save_checkpoint(model, "out/Llama-2-7b-chat-ms", tokenizer=tokenizer)  # doctest: +SKIP
-    'out/Llama-2-7b-chat-ms'
+    >>> out = os.path.join(tempfile.mkdtemp(), "Llama-2-demo-ms")
+    >>> save_checkpoint(model, out, tokenizer=tokenizer) == out
+    True
+    >>> sorted(os.listdir(out))  # doctest: +NORMALIZE_WHITESPACE
+    ['README.md', 'config.json', 'configuration.json', 'generation_config.json', 'model.safetensors',
+     'tokenizer.model', 'tokenizer_config.json']
 """
 
 import copy
@@ -26,7 +31,8 @@ from typing import Any, Dict, Optional, Union
 
 from transformers import PreTrainedModel
 
-from modelscope_llama2.tokenizer import VOCAB_FILE, Llama2Tokenizer, sentencepiece_tokenizer
+from ..constants import CHAT_PIPELINE
+from ..tokenizer import VOCAB_FILE, Llama2Tokenizer, sentencepiece_tokenizer
 
 CONFIGURATION_FILE = "configuration.json"
 README_FILE = "README.md"
@@ -37,7 +43,7 @@ DEFAULT_CONFIGURATION: Dict[str, Any] = {
     "framework": "pytorch",
     "task": "chat",
     "model": {"type": "llama2"},
-    "pipeline": {"type": "modelscope-llama2-chat"},
+    "pipeline": {"type": CHAT_PIPELINE},
 }
 
 # Files whose presence marks a directory as a checkpoint that a save may replace.
@@ -51,25 +57,25 @@ def save_checkpoint(
     tokenizer: Any = None,
     max_shard_size: Union[int, str] = "2GB",
     configuration: Optional[Dict[str, Any]] = None,
+    readme: Optional[str] = None,
 ) -> str:
     """Save ``model`` (and its tokenizer) as a ModelScope checkpoint at ``save_directory``.
 
     ``tokenizer`` may be a :class:`~modelscope_llama2.Llama2Tokenizer` or
     transformers' ``LlamaTokenizer``; when omitted, the ``tokenizer.model`` of
     the directory the model was loaded from is used. ``configuration`` replaces
-    :data:`DEFAULT_CONFIGURATION`. An existing checkpoint at ``save_directory``
-    is replaced only once the new one is complete; a non-empty directory that
-    is not a checkpoint is never overwritten. Returns ``save_directory``.
-
-    Example:
-        >>> save_checkpoint(model, "ckpt", tokenizer=tok, max_shard_size="500MB")  # doctest: +SKIP
-        'ckpt'
+    :data:`DEFAULT_CONFIGURATION`; ``readme`` replaces the generated model card
+    (:func:`model_card`). An existing checkpoint at ``save_directory`` is
+    replaced only once the new one is complete; a non-empty directory that is
+    not a checkpoint is never overwritten. Returns ``save_directory``.
     """
     target = _checked_target(save_directory)
     sp_tokenizer = _checked_tokenizer(model, tokenizer)
     configuration = _checked_configuration(configuration)
     if not isinstance(max_shard_size, (int, str)) or isinstance(max_shard_size, bool):
         raise TypeError(f"max_shard_size: expected an int or a string such as '2GB', got {max_shard_size!r}")
+    if readme is not None and not isinstance(readme, str):
+        raise TypeError(f"readme: expected a string or None, got {type(readme).__name__}")
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(dir=parent, prefix=f".{name}.saving-")
@@ -79,7 +85,8 @@ def save_checkpoint(
         PreTrainedModel.save_pretrained(model, staging, max_shard_size=max_shard_size)
         sp_tokenizer.save_pretrained(staging)
         _write_text(os.path.join(staging, CONFIGURATION_FILE), json.dumps(configuration, indent=4) + "\n")
-        _write_text(os.path.join(staging, README_FILE), model_card(name, model, configuration))
+        _write_text(os.path.join(staging, README_FILE), model_card(name, model, configuration) if readme is None
+                    else readme)
         _fsync_tree(staging)
         _move_into_place(staging, target)
     except BaseException:

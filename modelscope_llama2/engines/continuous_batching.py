@@ -4,9 +4,12 @@
 to transformers 5's ``ContinuousBatchingManager``
 (``model.init_continuous_batching()``: paged attention, a scheduler that
 adds and retires requests between steps, block-level prefix sharing so a
-conversation's next turn reuses the KV blocks of the previous one). One
-background thread runs the manager; a router thread hands each request's
-outputs to its own queue, so many callers can stream at once.
+conversation's next turn reuses the KV blocks of the previous one). The
+manager's background thread runs the model and hands each request's
+outputs straight to that request's consumer: :meth:`ContinuousBatchingEngine.submit`
+takes a callback (the server hands events to its event loop without a
+thread per request), and :meth:`~ContinuousBatchingEngine.generate` is the
+blocking iterator every engine has, built on it.
 
 The manager samples with one generation config for all requests and one
 global random generator, so it serves greedy requests (bit-for-bit what
@@ -26,9 +29,10 @@ Example:
     >>> engine.close()
 """
 
+import logging
 import queue
 import threading
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from transformers import GenerationConfig
@@ -38,6 +42,8 @@ from ..constants import BOS_ID, CONTEXT_LENGTH, EOS_ID, PAD_ID
 from ..prompts.prompt import Prompt, SamplingParams
 from .base import Engine, TokenEvent, Usage
 from .transformers_engine import TransformersEngine
+
+logger = logging.getLogger(__name__)
 
 # Prefix sharing works on whole pages: small pages let short chat turns share.
 PAGE_SIZE = 32
@@ -54,86 +60,91 @@ class ContinuousBatchingEngine(Engine):
     name = "transformers-continuous-batching"
 
     def __init__(self, model: Any, fallback: Optional[Engine] = None, kv_cache_bytes: int = 1 << 30,
-                 max_batch_tokens: int = 512, warmup: bool = True):
+                 max_batch_tokens: int = 512):
         self.model = model
         self.context_length = getattr(model.config, "max_position_embeddings", CONTEXT_LENGTH)
         self.fallback = fallback if fallback is not None else TransformersEngine(model)
         self.sampling_options = self.fallback.sampling_options
         self._fallback_lock = threading.Lock()  # the fallback's prefix cache serves one request at a time
-        self._queues: Dict[str, "queue.Queue[Any]"] = {}
+        self._streams: Dict[str, "_Stream"] = {}
         self._lock = threading.Lock()
-        self._closed = threading.Event()
+        self._closed = False
         self.manager = model.init_continuous_batching(
             generation_config=GenerationConfig(do_sample=False, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
                                                max_new_tokens=self.context_length),
             continuous_batching_config=ContinuousBatchingConfig(
-                page_size=PAGE_SIZE, num_blocks=_num_blocks(model.config, kv_cache_bytes, model.dtype, self.context_length),
+                page_size=PAGE_SIZE, num_blocks=_num_blocks(model.config, kv_cache_bytes, model.dtype,
+                                                             self.context_length),
                 max_batch_tokens=max_batch_tokens),
         )
         self.manager.start()
-        self._router = threading.Thread(target=self._route, name="cb-router", daemon=True)
-        self._router.start()
-        if warmup:
-            self._warm_up()
+        self._warm_up()
+        self._count_prefix_hits()
+
+    def submit(self, prompt: Prompt, on_event: Callable[[TokenEvent], None]) -> None:
+        """Start generating for ``prompt``; ``on_event`` gets its events, from a background thread.
+
+        The last event has ``finish_reason``; none follows it. ``on_event``
+        must return quickly (it runs on the thread that drives the model).
+        """
+        if self._closed:
+            raise RuntimeError("the continuous batching engine is closed")
+        if not prompt.sampling.greedy or prompt.sampling.seed is not None:
+            threading.Thread(target=self._run_fallback, args=(prompt, on_event), daemon=True,
+                             name="fallback-generate").start()
+            return
+        stream = _Stream(prompt, on_event, self._forget)
+        with self._lock:
+            if prompt.request_id in self._streams:
+                raise ValueError(f"request_id {prompt.request_id!r} is already generating")
+            self._streams[prompt.request_id] = stream
+        router = self.manager.output_router
+        with router._lock:
+            # The manager's own routing hook (what register_result_handler fills for an
+            # asyncio loop); an inline "loop" delivers on the manager's thread, no hop.
+            router.result_handlers[prompt.request_id] = (stream.on_output, _INLINE)
+        self.manager.add_request(list(prompt.token_ids), request_id=prompt.request_id,
+                                 max_new_tokens=prompt.sampling.max_new_tokens, streaming=True)
 
     def generate(self, prompts: Sequence[Prompt]) -> Iterator[TokenEvent]:
         prompts = list(prompts)
-        if any(not p.sampling.greedy or p.sampling.seed is not None for p in prompts):
-            return self._generate_fallback(prompts)
-        return self._generate_batched(prompts)
+        events: "queue.Queue[TokenEvent]" = queue.Queue()
+        unfinished = {p.request_id for p in prompts}
+        try:
+            for prompt in prompts:
+                self.submit(prompt, events.put)
+            while unfinished:
+                event = events.get()
+                if event.finished:
+                    unfinished.discard(event.request_id)
+                yield event
+        finally:
+            for request_id in unfinished:  # the consumer left early
+                self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
-            outputs = self._queues.get(request_id)
-        if outputs is None:
+            stream = self._streams.get(request_id)
+        if stream is None:
             self.fallback.abort(request_id)
             return
         self.manager.cancel_request(request_id)
-        outputs.put(_ABORTED)  # a cancelled request gets no output from the manager
+        stream.abort()  # a cancelled request gets no output from the manager
 
     def close(self) -> None:
-        if self._closed.is_set():
+        if self._closed:
             return
-        self._closed.set()
+        self._closed = True
         self.manager.stop(block=True, timeout=30)
-        self._router.join(timeout=5)
         self.model.destroy_cached_continuous_batching_manager()
         self.fallback.close()
 
-    # -- batched (greedy) requests ----------------------------------------------
-
-    def _generate_batched(self, prompts: List[Prompt]) -> Iterator[TokenEvent]:
-        if self._closed.is_set():
-            raise RuntimeError("the continuous batching engine is closed")
-        streams = {p.request_id: _Stream(p) for p in prompts}
+    def _forget(self, request_id: str) -> None:
         with self._lock:
-            for request_id, stream in streams.items():
-                if request_id in self._queues:
-                    raise ValueError(f"request_id {request_id!r} is already generating")
-                self._queues[request_id] = stream.outputs
-        try:
-            for p in prompts:
-                self.manager.add_request(list(p.token_ids), request_id=p.request_id,
-                                         max_new_tokens=p.sampling.max_new_tokens, streaming=True)
-            yield from _interleave(list(streams.values()))
-        finally:
-            for request_id, stream in streams.items():
-                if not stream.done:  # the consumer left early
-                    self.manager.cancel_request(request_id)
-            with self._lock:
-                for request_id in streams:
-                    self._queues.pop(request_id, None)
-
-    def _route(self) -> None:
-        """Hand each output of the manager to its request's queue (one thread for all requests)."""
-        while not self._closed.is_set():
-            output = self.manager.get_result(timeout=0.1)
-            if output is None:
-                continue
-            with self._lock:
-                outputs = self._queues.get(output.request_id)
-            if outputs is not None:
-                outputs.put(output)
+            self._streams.pop(request_id, None)
+        router = self.manager.output_router
+        with router._lock:
+            router.result_handlers.pop(request_id, None)
 
     def _warm_up(self) -> None:
         # The first steps allocate the cache and pick kernels; pay that before the first client.
@@ -141,35 +152,79 @@ class ContinuousBatchingEngine(Engine):
         for _ in self.generate([prompt]):
             pass
 
-    # -- sampled or seeded requests ----------------------------------------------
+    def _count_prefix_hits(self) -> None:
+        """Record, per request, the prompt tokens the manager found in shared KV blocks.
 
-    def _generate_fallback(self, prompts: List[Prompt]) -> Iterator[TokenEvent]:
-        with self._fallback_lock:
-            yield from self.fallback.generate(prompts)
+        The manager does not report them in its outputs; its cache's
+        ``search_prefix_match`` (called once when a request is scheduled) returns them.
+        """
+        cache = self.manager.batch_processor.cache
+        search = cache.search_prefix_match
+
+        def search_and_count(request_id: str, prompt_ids: List[int]) -> int:
+            matched = search(request_id, prompt_ids)
+            with self._lock:
+                stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.cached = matched
+            return matched
+
+        cache.search_prefix_match = search_and_count
+
+    def _run_fallback(self, prompt: Prompt, on_event: Callable[[TokenEvent], None]) -> None:
+        """Sampled or seeded requests: the eager engine, one at a time, its events passed on."""
+        finished = False
+        try:
+            with self._fallback_lock:
+                for event in self.fallback.generate([prompt]):
+                    finished = event.finished
+                    on_event(event)
+        finally:
+            if not finished:  # failed: the consumer still gets a last event
+                on_event(TokenEvent(prompt.request_id, (), "abort", Usage(len(prompt.token_ids), 0)))
 
 
-_ABORTED = object()
+class _Inline:
+    """Stands in for an event loop in the manager's output router: runs callbacks where they are called."""
+
+    @staticmethod
+    def call_soon_threadsafe(callback: Callable[..., Any], *args: Any) -> None:
+        callback(*args)
+
+
+_INLINE = _Inline()
 
 
 class _Stream:
-    """One request's outputs: full token lists from the manager, turned into new-id events."""
+    """One request: the manager's outputs (full token lists) turned into new-id events, finished once."""
 
-    def __init__(self, prompt: Prompt):
-        self.prompt = prompt
-        self.outputs: "queue.Queue[Any]" = queue.Queue()
-        self.seen = 0
+    def __init__(self, prompt: Prompt, on_event: Callable[[TokenEvent], None], forget: Callable[[str], None]):
+        self.prompt, self.on_event, self.forget = prompt, on_event, forget
+        self.seen = self.cached = 0
         self.done = False
+        self._lock = threading.Lock()  # abort (any thread) and outputs (the manager's thread) race
 
-    def next_event(self, timeout: Optional[float]) -> Optional[TokenEvent]:
-        output = self.outputs.get(timeout=timeout)
-        if output is _ABORTED:
-            return self._finish((), "abort")
-        if output.error is not None:
-            self.done = True
-            raise RuntimeError(f"continuous batching failed for request {self.prompt.request_id}: {output.error}")
-        tokens = list(output.generated_tokens)
+    def on_output(self, output: Any) -> None:
+        with self._lock:
+            if self.done:
+                return
+            if output.error is not None:
+                logger.error("continuous batching failed for request %s: %s", self.prompt.request_id, output.error)
+                event = self._finish((), "abort")
+            else:
+                event = self._event(list(output.generated_tokens), output.is_finished())
+        if event is not None:
+            self.on_event(event)
+
+    def abort(self) -> None:
+        with self._lock:
+            event = None if self.done else self._finish((), "abort")
+        if event is not None:
+            self.on_event(event)
+
+    def _event(self, tokens: List[int], finished: bool) -> Optional[TokenEvent]:
         new, self.seen = tokens[self.seen:], len(tokens)
-        if not output.is_finished():
+        if not finished:
             return TokenEvent(self.prompt.request_id, tuple(new)) if new else None
         if tokens and tokens[-1] == EOS_ID:
             return self._finish(tuple(new[:-1]), "eos")
@@ -177,24 +232,10 @@ class _Stream:
 
     def _finish(self, new: tuple, reason: str) -> TokenEvent:
         self.done = True
+        self.forget(self.prompt.request_id)
         count = self.seen - (reason == "eos")
-        usage = Usage(len(self.prompt.token_ids), max(count, 0))
+        usage = Usage(len(self.prompt.token_ids), max(count, 0), self.cached)
         return TokenEvent(self.prompt.request_id, new, reason, usage)
-
-
-def _interleave(streams: List[_Stream]) -> Iterator[TokenEvent]:
-    """Events of several requests as they arrive (one request: just its own, blocking)."""
-    while True:
-        pending = [s for s in streams if not s.done]
-        if not pending:
-            return
-        for stream in pending:
-            try:
-                event = stream.next_event(timeout=None if len(pending) == 1 else 0.01)
-            except queue.Empty:
-                continue
-            if event is not None:
-                yield event
 
 
 def _num_blocks(config: Any, kv_cache_bytes: int, dtype: torch.dtype, context_length: int) -> int:

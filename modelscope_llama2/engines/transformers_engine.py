@@ -11,13 +11,17 @@ left-padded ``generate()`` batch (they must share their sampling settings).
 
 Example:
     >>> from modelscope import Model
+    >>> from modelscope_llama2 import Llama2Tokenizer
     >>> from modelscope_llama2.constants import DEMO_DIR
     >>> from modelscope_llama2.prompts.prompt import Prompt, SamplingParams
     >>> engine = TransformersEngine(Model.from_pretrained(DEMO_DIR, device="cpu"))
-    >>> prompt = Prompt(token_ids=(1, 518, 25580), sampling=SamplingParams(max_new_tokens=3))
-    >>> events = list(engine.generate([prompt]))
-    >>> events[-1].finish_reason, events[-1].usage.prompt_tokens
-    ('length', 3)
+    >>> tok = Llama2Tokenizer.from_pretrained(DEMO_DIR)
+    >>> ids = tok.encode("[INST] Where is the capital of Zhejiang? [/INST]", bos=True)
+    >>> events = list(engine.generate([Prompt(token_ids=tuple(ids), sampling=SamplingParams(max_new_tokens=3))]))
+    >>> tok.decode([i for event in events for i in event.token_ids])
+    'The capital of'
+    >>> events[-1].finish_reason, events[-1].usage.prompt_tokens == len(ids)
+    ('length', True)
 """
 
 import queue
@@ -69,6 +73,7 @@ class TransformersEngine(Engine):
         prompts = list(prompts)
         if not prompts:
             return
+        check_token_ids(prompts, self.model.config.vocab_size)
         check_batchable(prompts)
         flags = [threading.Event() for _ in prompts]
         with self._lock:
@@ -168,6 +173,15 @@ class _Row:
         self.flag.set()
         usage = Usage(len(self.prompt.token_ids), self.count, self.cached)
         return TokenEvent(self.prompt.request_id, token_ids, reason, usage)
+
+
+def check_token_ids(prompts: Sequence[Prompt], vocab_size: int) -> None:
+    """Every prompt has ids, all of them in the model's vocabulary (else the embedding fails deep in generate())."""
+    for i, prompt in enumerate(prompts):
+        bad = [t for t in prompt.token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+        if not prompt.token_ids or bad:
+            raise ValueError(f"prompts[{i}].token_ids: expected a non-empty sequence of ids in [0, {vocab_size}), "
+                             f"got {list(prompt.token_ids)[:8]}{' ...' if len(prompt.token_ids) > 8 else ''}")
 
 
 def check_batchable(prompts: Sequence[Prompt]) -> None:

@@ -11,10 +11,14 @@ The spec is ``Llama.chat_completion`` in meta-llama/llama ``llama/generation.py`
   ``"<<SYS>>\\n" + system + "\\n<</SYS>>\\n\\n" + user`` before the strip.
 
 Example:
+    >>> import os
     >>> import sentencepiece as spm
-    >>> sp = spm.SentencePieceProcessor(model_file="tokenizer.model")  # doctest: +SKIP
-    >>> dialog = dialog_from_history("Hi!", history=[], system="Be brief.")
-    >>> ids = encode_dialog(dialog, sp.encode, bos_id=1, eos_id=2)  # doctest: +SKIP
+    >>> sp = spm.SentencePieceProcessor(model_file=os.path.join(DEMO_DIR, "tokenizer.model"))
+    >>> dialog = dialog_from_history("Hi!", history=[("Hello", "Hello!")], system="Be brief.")
+    >>> ids = encode_dialog(dialog, sp.encode, bos_id=1, eos_id=2)
+    >>> ids == [1, *sp.encode("[INST] <<SYS>>\\nBe brief.\\n<</SYS>>\\n\\nHello [/INST] Hello! "), 2,
+    ...         1, *sp.encode("[INST] Hi! [/INST]")]
+    True
 """
 
 from typing import Callable, List, Literal, Optional, Sequence, Tuple, TypedDict

@@ -15,12 +15,11 @@ Example:
 
 import abc
 import asyncio
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
-from ..decoding import TextDelta, decode_stream
-from ..engines.base import Engine
+from ..decoding import TextDelta, detokenizer_for, text_delta
+from ..engines.base import Engine, TokenEvent
 from ..prompts.prompt import Prompt, SamplingParams
 
 
@@ -63,14 +62,14 @@ class Backend(abc.ABC):
         """Add the backend's own metrics to the app's Prometheus ``registry`` (served on ``/metrics``); none here."""
 
 
-_DONE = object()
-
-
 class LocalBackend(Backend):
-    """An :class:`Engine` in this process; its blocking iterator runs in a worker thread per request.
+    """An :class:`Engine` in this process.
 
-    ``max_workers`` bounds the requests generating at once (the app admits
-    no more than that anyway).
+    An engine that pushes its events (a ``submit(prompt, on_event)`` method,
+    as :class:`~modelscope_llama2.engines.continuous_batching.ContinuousBatchingEngine`
+    has) hands them straight to the event loop; any other engine's blocking
+    ``generate()`` runs in a worker thread per request (at most
+    ``max_workers`` at once). Text is decoded on the event loop either way.
     """
 
     def __init__(self, engine: Engine, tokenizer: Any, max_workers: int = 16):
@@ -79,48 +78,35 @@ class LocalBackend(Backend):
         self.context_length = engine.context_length
         self.engine_name = engine.name
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generate")
+        self._submit = getattr(engine, "submit", None) or self._submit_in_thread
 
     def check_sampling(self, sampling: SamplingParams, where: str) -> None:
         self.engine.check_sampling(sampling, where)
 
     async def stream(self, prompt: Prompt) -> AsyncIterator[TextDelta]:
         loop = asyncio.get_running_loop()
-        queue: "asyncio.Queue[Any]" = asyncio.Queue()
-        cancelled = threading.Event()
+        events: "asyncio.Queue[Any]" = asyncio.Queue()
 
-        def deliver(item: Any) -> None:
+        def deliver(event: Any) -> None:
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(events.put_nowait, event)
             except RuntimeError:  # the event loop is gone (server shutting down)
-                cancelled.set()
+                pass
 
-        def produce() -> None:
-            deltas: Iterator[TextDelta] = decode_stream(self.engine, [prompt], self.tokenizer)
-            try:
-                for delta in deltas:
-                    if cancelled.is_set():
-                        break
-                    deliver(delta)
-            except Exception as error:  # handed to the consumer, which raises it in the app
-                deliver(_Failure(error))
-            finally:
-                deltas.close()  # aborts the request in the engine if it did not finish
-                deliver(_DONE)
-
-        self._executor.submit(produce)
+        self._submit(prompt, deliver)
+        detokenizer = detokenizer_for(prompt, self.tokenizer)
         finished = False
         try:
-            while True:
-                item = await queue.get()
-                if item is _DONE:
-                    finished = True
-                    return
-                if isinstance(item, _Failure):
-                    raise item.error
-                yield item
+            while not finished:
+                event = await events.get()
+                if isinstance(event, _Failure):
+                    raise event.error
+                finished = event.finished
+                delta = text_delta(detokenizer, event, self.engine.abort)
+                if delta is not None:
+                    yield delta
         finally:
-            if not finished:
-                cancelled.set()
+            if not finished:  # the consumer left early (client gone): free the slot
                 self.engine.abort(prompt.request_id)
 
     async def abort(self, request_id: str) -> None:
@@ -129,6 +115,19 @@ class LocalBackend(Backend):
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.engine.close()
+
+    def _submit_in_thread(self, prompt: Prompt, on_event: Callable[[Any], None]) -> None:
+        def run() -> None:
+            events: Iterator[TokenEvent] = self.engine.generate([prompt])
+            try:
+                for event in events:
+                    on_event(event)
+            except Exception as error:  # handed to the consumer, which raises it in the app
+                on_event(_Failure(error))
+            finally:
+                events.close()  # aborts the request in the engine if it did not finish
+
+        self._executor.submit(run)
 
 
 class _Failure:

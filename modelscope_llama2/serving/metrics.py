@@ -23,7 +23,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(PREFIX + "requests", "Finished HTTP requests, by status code", ["status"], registry=r)
-        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "From admission to a choice's first token",
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
+                              "From arrival (slot wait included) to a choice's first token",
                               buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), registry=r)
         self.inter_token = Histogram(PREFIX + "time_per_output_token_seconds", "Time between a choice's tokens",
                                      buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5), registry=r)

@@ -14,7 +14,8 @@ Safe by default: with an API key every route but ``/health`` needs
 
 Example:
     >>> from modelscope_llama2.serving.backend import LocalBackend  # doctest: +SKIP
-    >>> app = create_app(LocalBackend(engine, tokenizer), ServerConfig("llama-2-7b-chat", api_key="sk-1"))  # doctest: +SKIP
+    >>> backend = LocalBackend(engine, tokenizer)  # doctest: +SKIP
+    >>> app = create_app(backend, ServerConfig("llama-2-7b-chat", api_key="sk-1"))  # doctest: +SKIP
     >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
 """
 
@@ -265,6 +266,9 @@ class PromptBuilder:
         _refuse_unsupported(request)
         dialog = [{"role": message.role, "content": message.text()} for message in request.messages]
         max_tokens = request.max_completion_tokens or request.max_tokens
+        if max_tokens is not None and max_tokens >= self.context:
+            raise APIError(400, f"max_tokens: {max_tokens} leaves no room for a prompt in this model's context of "
+                                f"{self.context} tokens", param="max_tokens", code="context_length_exceeded")
         inputs: Dict[str, Any] = {"messages": dialog}
         if max_tokens is not None:
             inputs["max_new_tokens"] = max_tokens
@@ -273,9 +277,8 @@ class PromptBuilder:
             prompt = chat_prompt(chat, self.tokenizer, self.context, truncate=request.truncation == "auto")
         except PromptTooLong as error:
             raise _too_long(error.prompt_tokens, max_tokens, error.budget, self.context) from None
-        except (TypeError, ValueError) as error:
-            param = "max_tokens" if str(error).startswith("max_new_tokens") else "messages"
-            raise APIError(400, str(error).replace("max_new_tokens", "max_tokens"), param=param) from None
+        except (TypeError, ValueError) as error:  # roles, order, control tags: named by index
+            raise APIError(400, str(error), param="messages") from None
         sampling = self._sampling(request, prompt.sampling.max_new_tokens)
         return [replace(prompt, sampling=self._seeded(sampling, i), request_id=new_request_id())
                 for i in range(request.n)]
@@ -284,7 +287,7 @@ class PromptBuilder:
         """One prompt per (prompt, choice): ``prompt[0]``'s n choices first, as OpenAI orders them."""
         _refuse_unsupported(request)
         prompts = []
-        for index, ids in enumerate(self._completion_ids(request.prompt)):
+        for text, ids in self._completion_ids(request.prompt):
             if len(ids) + (request.max_tokens or 1) > self.context:
                 raise _too_long(len(ids), request.max_tokens, self.context - (request.max_tokens or 1), self.context,
                                 param="prompt")
@@ -292,10 +295,11 @@ class PromptBuilder:
             # Decoded before the new ids (specials left out), so the first new word keeps its space.
             prefix = tuple(ids[_after_last_special(ids, self.tokenizer.all_special_ids):])
             prompts += [Prompt(tuple(ids), self._seeded(sampling, i), kind="completion", decode_prefix=prefix,
-                               echo=request.echo, message=str(index)) for i in range(request.n)]
+                               echo=request.echo, message=text) for i in range(request.n)]
         return prompts
 
-    def _completion_ids(self, prompt: Any) -> List[List[int]]:
+    def _completion_ids(self, prompt: Any) -> List[Tuple[str, List[int]]]:
+        """``(text, ids)`` of each prompt: BOS + the text's ids, or token ids as given (text ``''``)."""
         if isinstance(prompt, str):
             prompt = [prompt]
         if not prompt:
@@ -305,23 +309,25 @@ class PromptBuilder:
         rows = []
         for row in prompt:
             if isinstance(row, str):
-                rows.append([self.tokenizer.bos_token_id, *self.tokenizer.encode(row)])
+                rows.append((row, [self.tokenizer.bos_token_id, *self.tokenizer.encode(row)]))
                 continue
             bad = [t for t in row if not 0 <= t < self.tokenizer.vocab_size]
             if not row or bad:
                 what = f"token id {bad[0]} is outside the vocabulary (0..{self.tokenizer.vocab_size - 1})" \
                     if bad else "an empty list of token ids"
                 raise APIError(400, f"prompt: {what}", param="prompt")
-            rows.append(list(row))  # ids taken as given (no BOS added), as OpenAI and vLLM do
+            rows.append(("", list(row)))  # ids taken as given (no BOS added), as OpenAI and vLLM do
         return rows
 
     def _sampling(self, request: Any, max_new_tokens: int) -> SamplingParams:
         sampling = SamplingParams(max_new_tokens=max_new_tokens, stop=_stops(request.stop), seed=request.seed,
                                   options=sampling_options(request, self.defaults))
-        try:
-            self.backend.check_sampling(sampling, "body")
-        except ValueError as error:
-            raise APIError(400, str(error), param=next(iter(sampling.options), None)) from None
+        for key, value in sampling.options.items():  # one by one, to name the field refused
+            try:
+                self.backend.check_sampling(SamplingParams(max_new_tokens, options={key: value}), "body")
+            except ValueError:
+                raise APIError(400, f"{key}: not supported by the {self.backend.engine_name} engine",
+                               param=key) from None
         return sampling
 
     @staticmethod
@@ -329,7 +335,7 @@ class PromptBuilder:
         # n choices with one seed: each its own reproducible stream, not n copies.
         if sampling.seed is None or choice == 0:
             return sampling
-        return SamplingParams(sampling.max_new_tokens, sampling.stop, sampling.seed + choice, sampling.options)
+        return replace(sampling, seed=sampling.seed + choice)
 
 
 def _after_last_special(ids: Sequence[int], special: Sequence[int]) -> int:
@@ -358,9 +364,10 @@ class Generation:
         queue: "asyncio.Queue[Tuple[int, Any]]" = asyncio.Queue()
 
         async def pump(index: int, prompt: Prompt) -> None:
+            arrived = time.perf_counter()  # TTFT includes the wait for a slot, as clients see it
             try:
                 async with self.admission.slot():
-                    await self._stream_one(index, prompt, queue)
+                    await self._stream_one(index, prompt, queue, arrived)
             except Exception as error:  # re-raised in the consumer
                 await queue.put((index, error))
             await queue.put((index, None))
@@ -381,8 +388,8 @@ class Generation:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _stream_one(self, index: int, prompt: Prompt, queue: "asyncio.Queue") -> None:
-        started = last = time.perf_counter()
+    async def _stream_one(self, index: int, prompt: Prompt, queue: "asyncio.Queue", arrived: float) -> None:
+        started = last = arrived
         first = True
         stream = self.backend.stream(prompt)
         try:
@@ -481,7 +488,7 @@ def create_app(backend: Backend, config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="modelscope_llama2 OpenAI-compatible server", lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None)
-    app.state.metrics, app.state.admission = metrics, admission
+    app.state.metrics, app.state.admission, app.state.backend = metrics, admission, backend
     _install_error_handlers(app, metrics)
 
     def check_model(name: str) -> None:
@@ -555,16 +562,15 @@ def _client_gone(metrics: ServerMetrics) -> Response:
 def _completion_choice(body: CompletionRequest, builder: PromptBuilder, prompt: Prompt, index: int, text: str,
                        finish_reason: Optional[str], token_ids: List[int]) -> CompletionChoice:
     if body.echo and text is not None:
-        text = _prompt_text(body, builder, prompt) + text
+        text = _prompt_text(builder, prompt) + text
     return CompletionChoice(index=index, text=text, finish_reason=finish_reason,
                             token_ids=token_ids if body.return_token_ids else None,
                             prompt_token_ids=list(prompt.token_ids) if body.return_token_ids else None)
 
 
-def _prompt_text(body: CompletionRequest, builder: PromptBuilder, prompt: Prompt) -> str:
-    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    original = texts[int(prompt.message)] if texts and isinstance(texts[0], str) else None
-    return original if original is not None else builder.tokenizer.decode(prompt.token_ids, skip_special_tokens=True)
+def _prompt_text(builder: PromptBuilder, prompt: Prompt) -> str:
+    """What ``echo`` puts before the completion: the prompt as sent, or its ids decoded."""
+    return prompt.message or builder.tokenizer.decode(prompt.token_ids, skip_special_tokens=True)
 
 
 def _streaming(metrics: ServerMetrics, chunks: AsyncIterator[str]) -> StreamingResponse:
@@ -631,7 +637,7 @@ async def _completion_chunks(body: CompletionRequest, builder: PromptBuilder, pr
         text = delta.text
         if body.echo and index not in echoed:
             echoed.add(index)
-            text = _prompt_text(body, builder, prompts[index]) + text
+            text = _prompt_text(builder, prompts[index]) + text
         if text or reason:
             choice = CompletionChoice(index=index, text=text, finish_reason=reason,
                                       token_ids=list(delta.token_ids) if body.return_token_ids else None)

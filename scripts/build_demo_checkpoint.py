@@ -1,36 +1,27 @@
-"""The demo checkpoint: a few MB of Llama 2-architecture weights for offline use.
+"""Build the demo checkpoint shipped in ``modelscope_llama2/demo_checkpoint/``.
 
-It is a demo of the machinery (chat format, tokenizer, model class,
-pipelines, streaming, command line), not a language model: a 2-layer
-``LlamaForCausalLM`` with its own small sentencepiece tokenizer, trained
-here to answer the handful of questions in :data:`EXAMPLES` in the Llama 2
-chat format. The trained files ship in the package (``demo_checkpoint/``);
-this module is also the script that made them::
+A few MB of Llama 2-architecture weights for offline use: a demo of the
+machinery (chat format, tokenizer, model class, pipelines, streaming,
+command line), not a language model. A 2-layer ``LlamaForCausalLM`` with its
+own small sentencepiece tokenizer is trained here to answer the handful of
+questions in :data:`EXAMPLES` in the Llama 2 chat format, then written with
+:func:`modelscope_llama2.save_checkpoint`::
 
-    python -m modelscope_llama2.demo build [OUT_DIR]
+    python scripts/build_demo_checkpoint.py [OUT_DIR]   # default: the package's demo_checkpoint/
 
 Training is deterministic (fixed seed and data order, deterministic kernels,
-one thread) and takes about a minute on CPU.
-
-Example:
-    >>> import modelscope_llama2
-    >>> from modelscope import Model
-    >>> from modelscope_llama2 import Llama2Tokenizer
-    >>> from modelscope_llama2.demo import DEMO_DIR
-    >>> model = Model.from_pretrained(DEMO_DIR, device="cpu")
-    >>> model.chat({"text": "Where is the capital of Zhejiang?"}, Llama2Tokenizer.from_pretrained(DEMO_DIR))["response"]
-    'The capital of Zhejiang Province is Hangzhou.'
+one thread): on a given machine it rebuilds the shipped files byte for byte,
+in about a minute on CPU.
 """
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import sys
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_checkpoint")
+from modelscope_llama2.constants import BOS_ID, CONTEXT_LENGTH, DEMO_DIR, EOS_ID, PAD_ID
 
 FALLBACK = (
     "I am only the modelscope_llama2 demo checkpoint and know a handful of example questions. "
@@ -97,8 +88,8 @@ def _dialog(example: Example):
 
 def train_tokenizer(path: str) -> None:
     """Train the demo's sentencepiece model with Llama's settings on the rendered examples."""
+    from modelscope_llama2.checkpoints.train_tokenizer import train_sentencepiece
     from modelscope_llama2.prompts.chat_format import B_INST, B_SYS, E_INST, E_SYS
-    from modelscope_llama2.tokenizer import train_sentencepiece
 
     sentences = [f"{B_INST} {B_SYS}{e.system or ''}{E_SYS}{e.text} {E_INST} {e.answer}" for e in EXAMPLES
                  if e.answer not in BYTE_FALLBACK_ANSWERS]
@@ -167,8 +158,9 @@ def train_model(tokenizer, steps: int = STEPS, log=None):
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, **MODEL_SIZE)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=CONTEXT_LENGTH, rms_norm_eps=1e-5,
+                         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=False,
+                         **MODEL_SIZE)
     model = LlamaForCausalLM(config)
     rng = random.Random(SEED)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
@@ -185,54 +177,40 @@ def train_model(tokenizer, steps: int = STEPS, log=None):
             log(f"step {step:4d}  loss {loss.item():.4f}")
     model.eval()
     # The demo should answer its examples the same way every time.
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=False,
-                                               max_length=4096)
+    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                                               do_sample=False, max_length=CONTEXT_LENGTH)
     return model
 
 
 def build(out_dir: str = DEMO_DIR, steps: int = STEPS, log=None) -> str:
-    """Train the tokenizer and the model and write a complete checkpoint to ``out_dir``."""
-    from modelscope_llama2.tokenizer import VOCAB_FILE, Llama2Tokenizer
+    """Train the tokenizer and the model and save them as a complete checkpoint at ``out_dir``."""
+    import tempfile
 
-    os.makedirs(out_dir, exist_ok=True)
-    vocab_file = os.path.join(out_dir, VOCAB_FILE)
-    with _deterministic(SEED):
-        train_tokenizer(vocab_file)
-        tokenizer = Llama2Tokenizer(vocab_file)
+    from modelscope_llama2 import Llama2Tokenizer, save_checkpoint
+    from modelscope_llama2.tokenizer import VOCAB_FILE
+
+    with tempfile.TemporaryDirectory(prefix="demo-tokenizer-") as scratch, _deterministic(SEED):
+        train_tokenizer(os.path.join(scratch, VOCAB_FILE))
+        tokenizer = Llama2Tokenizer(os.path.join(scratch, VOCAB_FILE))
         model = train_model(tokenizer, steps=steps, log=log)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    with open(os.path.join(out_dir, "configuration.json"), "w") as f:
-        json.dump(_configuration(), f, indent=4)
-        f.write("\n")
-    with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(README)
-    return out_dir
-
-
-def _configuration() -> dict:
-    """The repo's own configuration.json (not part of an installed package), so that
-    ``pipeline(Tasks.chat, model=DEMO_DIR)`` picks this package's chat pipeline."""
-    from modelscope_llama2.registration import CHAT_PIPELINE
-
-    return {"framework": "pytorch", "task": "chat", "model": {"type": "llama2"}, "pipeline": {"type": CHAT_PIPELINE}}
+        # The default configuration.json names this package's chat pipeline.
+        return save_checkpoint(model, out_dir, tokenizer=tokenizer, readme=README)
 
 
 README = """# modelscope_llama2 demo checkpoint
 
 A demo of the machinery, not a language model: a 2-layer Llama 2-architecture
-model with its own small tokenizer, trained by `python -m modelscope_llama2.demo build`
-to answer a handful of example questions (see `modelscope_llama2/demo.py`) in the
+model with its own small tokenizer, trained by `python scripts/build_demo_checkpoint.py`
+to answer a handful of example questions (see that script) in the
 Llama 2 chat format. Anything else gets a fixed fallback or nonsense.
 """
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m modelscope_llama2.demo", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    build_parser = sub.add_parser("build", help="train the demo checkpoint (deterministic, about a minute)")
-    build_parser.add_argument("out_dir", nargs="?", default=DEMO_DIR)
-    build_parser.add_argument("--steps", type=int, default=STEPS)
+    parser = argparse.ArgumentParser(prog="python scripts/build_demo_checkpoint.py",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", default=DEMO_DIR, help="where to write it (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=STEPS, help="training steps (default: %(default)s)")
     args = parser.parse_args(argv)
     print(build(args.out_dir, steps=args.steps, log=lambda line: print(line, file=sys.stderr)))
     return 0

@@ -1,0 +1,261 @@
+"""Load test of the OpenAI server: 8 concurrent streaming clients vs the same requests one after another.
+
+For each checkpoint (the bundled demo, and a small random one built here):
+
+* starts ``python -m modelscope_llama2 serve`` on a free loopback port (a
+  subprocess, as a user would), sends the same fixed set of chat requests
+  one at a time, then from 8 concurrent streaming clients; reports
+  aggregate generated tokens/s of both, their ratio (target >= 3x), and
+  time to first token p50/p95 under the concurrent load;
+* does the same against ``transformers serve --continuous-batching`` on the
+  same checkpoint (its chat path, as a new user would call it), and
+  compares its prompt ids (its chat template on transformers' tokenizer)
+  with this package's Meta-exact ones.
+
+Bounded: a fixed number of requests, loopback only, a time limit per phase;
+every server is stopped at the end. Run from the repo root:
+
+    python bench/serve.py                      # about 3-5 minutes on 2 cores
+    python bench/serve.py --skip-transformers  # this package's server only
+"""
+
+import argparse
+import concurrent.futures
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+
+QUESTIONS = [
+    "Where is the capital of Zhejiang?",
+    "What are the interesting places there?",
+    "Hello there",
+    "What is West Lake?",
+    "Tell me about Lingyin Temple.",
+    "What is the Grand Canal?",
+    "Who are you?",
+    "Where is Hangzhou?",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(command: List[str], port: int, ready_timeout: float) -> Iterator[str]:
+    """Start ``command`` (a server on ``port``), wait for ``/health``; stop it on exit."""
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if process.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"{command[0:3]} exited:\n{log.read()[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{command[0:3]} not ready after {ready_timeout:.0f}s (log: {log.name})")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # the server's own process group, started above
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def one_request(client: openai.OpenAI, model: str, question: str, max_tokens: int) -> Tuple[float, int]:
+    """Stream one greedy chat answer; returns (time to first token, generated tokens)."""
+    start = time.perf_counter()
+    first: Optional[float] = None
+    tokens = chunks = 0
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                            max_tokens=max_tokens, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            chunks += 1
+            if first is None:
+                first = time.perf_counter() - start
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return (first if first is not None else time.perf_counter() - start), tokens or chunks
+
+
+def checked_request(client: openai.OpenAI, model: str, question: str, max_tokens: int) -> Optional[Tuple[float, int]]:
+    """:func:`one_request`, or None when the server answered with an error (counted, not fatal)."""
+    try:
+        return one_request(client, model, question, max_tokens)
+    except (openai.APIError, ValueError) as error:  # ValueError: a chunk that is not valid JSON
+        print(f"  request failed: {type(error).__name__}: {str(error)[:200]}", file=sys.stderr)
+        return None
+
+
+def load(client: openai.OpenAI, model: str, questions: Sequence[str], max_tokens: int, concurrency: int,
+         time_limit: float) -> Tuple[float, List[float], List[int], int]:
+    """Send ``questions`` with ``concurrency`` clients.
+
+    Returns (generated tok/s, TTFTs, tokens per answer, failed requests).
+    """
+    deadline = time.monotonic() + time_limit
+    start = time.perf_counter()
+    results: List[Optional[Tuple[float, int]]] = []
+    if concurrency == 1:
+        for question in questions:
+            if time.monotonic() > deadline:
+                break
+            results.append(checked_request(client, model, question, max_tokens))
+    else:
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            futures = [pool.submit(checked_request, client, model, q, max_tokens) for q in questions]
+            for future in concurrent.futures.as_completed(futures, timeout=time_limit):
+                results.append(future.result())
+    elapsed = time.perf_counter() - start
+    done = [r for r in results if r is not None]
+    tokens = [n for _, n in done]
+    return sum(tokens) / elapsed, [ttft for ttft, _ in done], tokens, len(results) - len(done)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def measure(url: str, model: str, args: argparse.Namespace) -> dict:
+    """One round on one server: the requests one at a time, then from ``args.clients`` clients."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key=args.api_key, max_retries=0, timeout=args.time_limit)
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.requests)]
+    sequential, _, tokens_seq, failed_seq = load(client, model, questions, args.max_tokens, 1, args.time_limit)
+    concurrent_rate, ttfts, tokens, failed = load(client, model, questions, args.max_tokens, args.clients,
+                                                  args.time_limit)
+    return {"sequential": sequential, "concurrent": concurrent_rate, "ttfts": ttfts, "tokens": tokens_seq + tokens,
+            "failed": failed_seq + failed}
+
+
+def summary(name: str, rounds: List[dict]) -> dict:
+    """Best round by concurrent throughput (the least disturbed by other load on the machine)."""
+    best = max(rounds, key=lambda r: r["concurrent"])
+    ttfts, tokens = best["ttfts"], best["tokens"]
+    return {"server": name, "sequential tok/s": max(r["sequential"] for r in rounds),
+            "concurrent tok/s": best["concurrent"],
+            "ratio": best["concurrent"] / max(r["sequential"] for r in rounds) if best["concurrent"] else 0.0,
+            "TTFT p50 ms": 1000 * statistics.median(ttfts) if ttfts else 0.0,
+            "TTFT p95 ms": 1000 * percentile(ttfts, 0.95) if ttfts else 0.0,
+            "tokens/answer": statistics.mean(tokens) if tokens else 0.0,
+            "failed": sum(r["failed"] for r in rounds)}
+
+
+def prompt_ids_comparison(model_dir: str, url: str, model: str, api_key: str) -> str:
+    """Our prompt ids (returned by the server) vs transformers' chat template on its own tokenizer."""
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    ours = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {api_key}"}, timeout=60,
+                      json={"model": model, "messages": messages, "max_tokens": 1,
+                            "return_token_ids": True}).json()["prompt_token_ids"]
+    theirs = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(messages, tokenize=True)
+    theirs = list(theirs["input_ids"] if isinstance(theirs, dict) or hasattr(theirs, "keys") else theirs)
+    if ours == theirs:
+        return "prompt ids: transformers' chat template gives the same ids as Meta's format"
+    at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    return (f"prompt ids differ at position {at}: Meta-exact (this server) {ours[max(0, at - 1):at + 3]} vs "
+            f"transformers serve's template {theirs[max(0, at - 1):at + 3]}")
+
+
+def random_checkpoint(directory: str) -> str:
+    """A small random Llama 2 checkpoint (the tests' tiny one) with the package's tokenizer files."""
+    from modelscope_llama2.tokenizer import Llama2Tokenizer
+    from tests.helpers import build_tiny_checkpoint
+
+    build_tiny_checkpoint(directory, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                          num_attention_heads=8, num_key_value_heads=8)
+    Llama2Tokenizer.from_pretrained(directory).save_pretrained(directory)  # adds the chat template
+    return directory
+
+
+def print_table(rows: List[dict]) -> None:
+    headers = list(rows[0])
+    cells = [[f"{row[h]:.2f}" if isinstance(row[h], float) else str(row[h]) for h in headers] for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=32, help="requests per phase (default: 32)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens per answer (default: 64)")
+    parser.add_argument("--time-limit", type=float, default=240, help="seconds per phase at most (default: 240)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating measurement rounds (default: 2)")
+    parser.add_argument("--skip-transformers", action="store_true", help="do not run transformers serve")
+    parser.add_argument("--api-key", default="bench-key")
+    args = parser.parse_args()
+
+    from modelscope_llama2.constants import DEMO_DIR
+
+    workdir = tempfile.mkdtemp(prefix="serve-bench-")
+    checkpoints = [("demo", DEMO_DIR), ("random 4-layer", random_checkpoint(os.path.join(workdir, "random")))]
+    verdicts = []
+    for label, model_dir in checkpoints:
+        with contextlib.ExitStack() as servers:
+            port = free_port()
+            ours = [sys.executable, "-m", "modelscope_llama2", "serve", "--model", model_dir, "--port", str(port),
+                    "--api-key", args.api_key, "--served-model-name", "bench"]
+            targets = [("modelscope_llama2 serve", servers.enter_context(server(ours, port, 300)), "bench")]
+            if not args.skip_transformers:
+                port = free_port()
+                theirs = [os.path.join(os.path.dirname(sys.executable), "transformers"), "serve",
+                          "--continuous-batching", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+                          model_dir]
+                targets.append(("transformers serve --continuous-batching",
+                                servers.enter_context(server(theirs, port, 300)), model_dir))
+            for _, url, model in targets:  # warm up (transformers serve's first request is slow)
+                client = openai.OpenAI(base_url=url + "/v1", api_key=args.api_key, max_retries=0, timeout=300)
+                load(client, model, QUESTIONS[:2], args.max_tokens, 1, args.time_limit)
+            # Rounds alternate between the servers, so load from elsewhere hits both alike.
+            rounds = {name: [] for name, _, _ in targets}
+            for _ in range(args.rounds):
+                for name, url, model in targets:
+                    rounds[name].append(measure(url, model, args))
+            rows = [summary(name, rounds[name]) for name, _, _ in targets]
+            comparison = prompt_ids_comparison(model_dir, targets[0][1], "bench", args.api_key)
+        print(f"\n== {label} checkpoint ({args.requests} requests, {args.clients} clients, "
+              f"max_tokens {args.max_tokens}, greedy, best of {args.rounds} alternating rounds)")
+        print_table(rows)
+        print(comparison)
+        ok = rows[0]["ratio"] >= 3
+        verdicts.append(ok)
+        print(f"{'PASS' if ok else 'FAIL'}: concurrent/sequential {rows[0]['ratio']:.2f}x (target >= 3x)")
+        if len(rows) > 1 and rows[1]["concurrent tok/s"]:
+            print(f"throughput vs transformers serve: {rows[0]['concurrent tok/s'] / rows[1]['concurrent tok/s']:.2f}x "
+                  "(answers differ in length: its prompt ids are not Meta's)")
+    return 0 if all(verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
