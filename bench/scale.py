@@ -105,6 +105,7 @@ def main() -> int:
     # Nothing written to ~/.ray, nothing shared with other Ray instances on this machine.
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-bench-")
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_memory_monitor_refresh_ms"] = "0"  # other work on a shared box must not get replicas killed
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster

@@ -31,7 +31,8 @@ Example:
 
 import logging
 import signal
-import threading
+import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -412,36 +413,35 @@ def _positive_int(value: Any, name: str) -> None:
 
 def run(engine: EngineSpec, config: ServerConfig, scale: ScaleSpec, host: str = "127.0.0.1", port: int = 8000,
         ray_address: Optional[str] = None, app_name: str = APP_NAME) -> None:
-    """Serve on Ray until SIGINT/SIGTERM: a local Ray instance, or the cluster at ``ray_address`` (``auto``: this machine's).
+    """Serve on Ray until Ctrl-C or SIGTERM: a local Ray instance, or the cluster at ``ray_address`` (``auto``: this machine's).
 
-    Serve's HTTP proxy listens on ``host:port`` of the head node. On the way
-    out the application is deleted; a local instance is shut down, a joined
-    cluster keeps running.
+    Serve's HTTP proxy listens on ``host:port`` of the head node; a line on
+    stderr says when the application is ready. On the way out (also while
+    still starting) the application is deleted; a local instance is shut
+    down, a joined cluster keeps running.
     """
     import ray
 
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     joined = ray_address is not None
     ray.init(address=ray_address) if joined else ray.init(include_dashboard=False)
     try:
         serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
         serve.run(build_application(engine, config, scale), name=app_name, route_prefix="/")
-        logger.info("serving %s on http://%s:%d/v1 with %d replica(s) of %s", config.served_model_name, host, port,
-                    scale.replicas, engine.model)
-        _wait_for_stop_signal()
+        print(f"serving {config.served_model_name} on http://{host}:{port}/v1 with {scale.replicas} replica(s) "
+              f"on Ray Serve; Ctrl-C to stop", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass  # how this command stops
     finally:
         if joined:
             serve.delete(app_name)
         else:
             serve.shutdown()
         ray.shutdown()
+        signal.signal(signal.SIGTERM, previous)
 
 
-def _wait_for_stop_signal() -> None:
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not stop.wait(0.5):  # a timed wait lets the handlers run promptly
-            pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt

@@ -15,7 +15,8 @@ import pytest
 
 from modelscope_llama2.serving.affinity import conversation_key, rank_order
 from modelscope_llama2.serving.server import build_app
-from tests.ray.conftest import MODEL, metric_value, replica_requests, running_server, scaled_app, wait_for
+from tests.ray.conftest import MODEL, metric_value, replica_requests, scaled_app, wait_for
+from tests.test_serve import running_server
 
 pytestmark = pytest.mark.ray
 

@@ -67,13 +67,12 @@ def test_serve_replicas_joins_a_running_cluster(ray_cluster, tiny_dir, tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:
         def ready():
-            assert cli.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                return httpx.get(url + "/health", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
+            output = (tmp_path / "serve.log").read_text()
+            assert cli.poll() is None, output[-3000:]
+            return f"serving tiny on {url}/v1 with 2 replica(s)" in output
 
-        wait_for(ready, 180, "the CLI's app to answer /health")
+        wait_for(ready, 180, "the CLI to report its application ready")
+        assert httpx.get(url + "/health", timeout=30).status_code == 200
         client = openai.OpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0, timeout=120)
         reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello there"}],
                                                max_tokens=8, temperature=0)
