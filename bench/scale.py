@@ -7,7 +7,13 @@ the OpenAI app with 2 replicas of the 166M benchmark checkpoint
 this package's conversation-affinity router. Each replica runs the
 transformers engine with a 16-conversation prefix cache and one request at
 a time; clients send the 16 conversations 4 at a time, every turn streamed
-with the real ``openai`` SDK, 16 greedy tokens per answer.
+with the real ``openai`` SDK, 16 greedy tokens per answer, and a user pause of
+0-2 s (seeded) before each later turn. Without pauses, closed-loop clients
+make any least-loaded router look sticky: the replica that just finished a
+client's turn is the one with a free slot when its next turn arrives (with
+2 replicas and 4 clients in lockstep, Ray's default router then keeps every
+conversation in place by accident); with pauses, turns arrive as real users'
+do, at moments unrelated to where their conversation lives.
 
 For turns 2-6 of each conversation:
 
@@ -25,6 +31,7 @@ Run: ``python bench/scale.py`` (about 5 minutes on 2 idle cores; needs the
 
 import argparse
 import os
+import random
 import socket
 import statistics
 import sys
@@ -40,6 +47,7 @@ CONVERSATIONS = 16
 TURNS = 6
 CLIENTS = 4
 NEW_TOKENS = 16
+THINK_S = 2.0  # the longest pause of a user between turns
 MODEL = "bench-166m"
 
 Turn = Tuple[int, float, bool]  # (turn index, seconds to first text, previous prompt fully cached)
@@ -49,7 +57,10 @@ def conversation(client, index: int) -> List[Turn]:
     """One conversation's turns: TTFT and whether the previous prompt came from the cache."""
     messages = [{"role": "system", "content": SYSTEM}]
     previous_prompt, turns = 0, []
+    pauses = random.Random(index)
     for turn in range(TURNS):
+        if turn:
+            time.sleep(pauses.uniform(0, THINK_S))
         # The first question names the conversation, so conversations differ after the shared system prompt.
         question = QUESTIONS[turn] if turn else f"(Family {index}) {QUESTIONS[0]}"
         messages.append({"role": "user", "content": question})
@@ -69,7 +80,17 @@ def conversation(client, index: int) -> List[Turn]:
     return turns
 
 
-def run_router(model_dir: str, router: str, port: int) -> Dict[str, float]:
+def replica_split(metrics_text: str) -> Dict[str, float]:
+    """Finished requests by replica, from the app's ``/metrics``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {sample.labels["replica"]: sample.value for family in text_string_to_metric_families(metrics_text)
+            if family.name == "modelscope_llama2_replica_requests" for sample in family.samples
+            if sample.name.endswith("_total")}
+
+
+def run_router(model_dir: str, router: str, port: int) -> Dict[str, object]:
+    import httpx
     import openai
     from ray import serve
 
@@ -87,7 +108,8 @@ def run_router(model_dir: str, router: str, port: int) -> Dict[str, float]:
             turns = [t for result in pool.map(lambda i: conversation(client, i), range(CONVERSATIONS))
                      for t in result]
         later = [t for t in turns if t[0] > 0]
-        return {"hit_rate": sum(hit for _, _, hit in later) / len(later),
+        split = replica_split(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text)
+        return {"requests per replica": "/".join(str(int(n)) for n in sorted(split.values(), reverse=True)),"hit_rate": sum(hit for _, _, hit in later) / len(later),
                 "ttft_later_p50": statistics.median(ttft for _, ttft, _ in later),
                 "ttft_first_p50": statistics.median(ttft for turn, ttft, _ in turns if turn == 0),
                 "wall_s": time.perf_counter() - started}
@@ -128,8 +150,10 @@ def main() -> int:
 
     print(f"\n{CONVERSATIONS} conversations x {TURNS} turns, 2 replicas, {CLIENTS} clients, "
           f"{NEW_TOKENS} tokens per answer")
-    print(table(["router", "hit rate (turns 2-6)", "TTFT p50 turns 2-6 (s)", "TTFT p50 turn 1 (s)", "wall (s)"],
-                [[router, f["hit_rate"], f["ttft_later_p50"], f["ttft_first_p50"], f["wall_s"]]
+    print(table(["router", "requests per replica", "hit rate (turns 2-6)", "TTFT p50 turns 2-6 (s)",
+                 "TTFT p50 turn 1 (s)", "wall (s)"],
+                [[router, f["requests per replica"], f["hit_rate"], f["ttft_later_p50"], f["ttft_first_p50"],
+                  f["wall_s"]]
                  for router, f in figures.items()]))
     affinity, default = figures["affinity"], figures["default"]
     hit_ratio = affinity["hit_rate"] / default["hit_rate"] if default["hit_rate"] else float("inf")
