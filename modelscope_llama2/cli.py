@@ -79,6 +79,9 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
                        help="requests one replica takes before the router prefers another (default: 8)")
     group.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica (default: 1)")
     group.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs reserved per replica (default: 0)")
+    group.add_argument("--imbalance", type=int, default=4,
+                       help="affinity: pass over a conversation's replica while it has this many more requests "
+                            "than the least loaded one (default: 4)")
     group.add_argument("--router", choices=("affinity", "default"), default="affinity",
                        help="affinity: each conversation to the replica holding its cache; default: Ray Serve's "
                             "power-of-two-choices (default: affinity)")
@@ -118,7 +121,8 @@ def _run_serve_on_ray(args: argparse.Namespace, model_dir: str, name: str) -> in
     scale = on_ray.ScaleSpec(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                              target_ongoing_requests=args.target_ongoing_requests,
                              max_ongoing_requests=args.max_ongoing_requests, replica_cpus=args.replica_cpus,
-                             replica_gpus=args.replica_gpus, router=args.router)
+                             replica_gpus=args.replica_gpus, router=args.router,
+                             imbalance=args.imbalance)
     on_ray.run(engine, config, scale, args.host, args.port, args.ray_address)
     return 0
 

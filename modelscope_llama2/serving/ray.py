@@ -100,7 +100,8 @@ class ScaleSpec:
     With ``min_replicas``/``max_replicas`` Serve autoscales (starting at
     ``replicas``) toward ``target_ongoing_requests`` per replica.
     ``max_ongoing_requests``: a replica with that many requests is full; the
-    router then prefers the least loaded other replica.
+    router then prefers the least loaded other replica, as it does while the
+    preferred one has ``imbalance`` more requests than the least loaded.
     """
 
     replicas: int = 1
@@ -111,12 +112,14 @@ class ScaleSpec:
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
     router: str = "affinity"
+    imbalance: int = 4
     health_check_period_s: float = 10.0
     graceful_shutdown_timeout_s: float = 20.0
 
     def __post_init__(self) -> None:
         _positive_int(self.replicas, "replicas")
         _positive_int(self.max_ongoing_requests, "max_ongoing_requests")
+        _positive_int(self.imbalance, "imbalance")
         if self.router not in ROUTERS:
             raise ValueError(f"router: expected one of {list(ROUTERS)}, got {self.router!r}")
         if self.autoscaling:
@@ -155,7 +158,7 @@ class ScaleSpec:
             options["num_replicas"] = self.replicas
         if self.router == "affinity":
             options["request_router_config"] = RequestRouterConfig(
-                request_router_class=ConversationAffinityRouter)
+                request_router_class=ConversationAffinityRouter, request_router_kwargs={"imbalance": self.imbalance})
         return options
 
 
@@ -250,14 +253,20 @@ class ModelReplica:
 
 
 class ConversationAffinityRouter(RequestRouter):
-    """Each conversation to the replica ranked first for its key; the least loaded other one when it is full.
+    """Each conversation to the replica ranked first for its key, unless that one is busy; then the least loaded.
 
     Ranks: the replica holding the conversation's rank first, then all the
     others (Serve takes the least loaded replica with room in the first
     rank that has one; a replica is full at its ``max_ongoing_requests``).
-    Anything that is not a prompt goes to the least loaded replica. This
-    never raises: a request must never hang on a routing bug.
+    The preferred replica is also passed over while it has ``imbalance``
+    more requests than the least loaded one: a queue costs more than a
+    cache miss saves. Anything that is not a prompt goes to the least
+    loaded replica. This never raises: a request must never hang on a
+    routing bug.
     """
+
+    def initialize_state(self, imbalance: int = 4, **_: Any) -> None:
+        self._imbalance = imbalance
 
     async def choose_replicas(
         self, candidate_replicas: List[RunningReplica], pending_request: Optional[PendingRequest] = None
@@ -266,10 +275,19 @@ class ConversationAffinityRouter(RequestRouter):
             # Without backoff, a deployment whose replicas are all full spins on this loop.
             pending_request.routing_context.should_backoff = True
         try:
-            return preference(candidate_replicas, _prompt_of(pending_request))
+            ranked = preference(candidate_replicas, _prompt_of(pending_request))
+            if len(ranked) == 2 and self._busier(ranked[0], ranked[1]):
+                return [ranked[1], ranked[0]]
+            return ranked
         except Exception:  # a routing bug must cost cache hits, never requests
             logger.exception("conversation affinity failed; routing to the least loaded replica")
             return [list(candidate_replicas)]
+
+    def _busier(self, preferred: List[RunningReplica], others: List[RunningReplica]) -> bool:
+        def load(replica: RunningReplica) -> int:
+            return self.replica_queue_len_cache.get(replica.replica_id) or 0  # unknown: assume idle
+
+        return bool(others) and min(map(load, preferred)) - min(map(load, others)) >= self._imbalance
 
 
 def preference(replicas: Sequence[Any], prompt: Optional[Prompt]) -> List[List[Any]]:

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.ray
     ({"replicas": 2, "target_ongoing_requests": 0}, "target_ongoing_requests"),
     ({"replicas": 2, "replica_cpus": -1}, "replica_cpus"),
     ({"replicas": 2, "router": "round-robin"}, "router"),
+    ({"replicas": 2, "imbalance": 0}, "imbalance"),
 ])
 def test_bad_scale_settings_name_the_field(settings, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
@@ -39,6 +40,7 @@ def test_autoscaling_settings_pass_to_ray_serve():
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
     assert isinstance(fixed["request_router_config"], RequestRouterConfig)
+    assert fixed["request_router_config"].request_router_kwargs == {"imbalance": 4}
     scaled = ScaleSpec(replicas=2, min_replicas=1, max_replicas=4, target_ongoing_requests=3).deployment_options()
     assert scaled["autoscaling_config"] == {"initial_replicas": 2, "min_replicas": 1, "max_replicas": 4,
                                             "target_ongoing_requests": 3}
