@@ -15,7 +15,7 @@ For each checkpoint (the bundled demo, and a small random one built here):
 Bounded: a fixed number of requests, loopback only, a time limit per phase;
 every server is stopped at the end. Run from the repo root:
 
-    python bench/serve.py                      # about 3-5 minutes on 2 cores
+    python bench/serve.py                      # 5-15 minutes on 2 shared cores (servers warm up, 2 rounds)
     python bench/serve.py --skip-transformers  # this package's server only
 """
 
@@ -215,6 +215,8 @@ def main() -> int:
     parser.add_argument("--skip-transformers", action="store_true", help="do not run transformers serve")
     parser.add_argument("--api-key", default="bench-key")
     args = parser.parse_args()
+    # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the servers started here are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from modelscope_llama2.constants import DEMO_DIR
 
