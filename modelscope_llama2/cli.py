@@ -56,18 +56,74 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--max-running", type=int, default=8, help="choices generating at once (default: 8)")
     parser.add_argument("--max-waiting", type=int, default=64,
                         help="choices queued behind them; past that, 429 at once (default: 64)")
+    _add_ray_options(parser)
     parser.set_defaults(run=_run_serve)
+
+
+# Flags without a default that mean nothing without --replicas.
+RAY_ONLY_FLAGS = ("--ray-address", "--min-replicas", "--max-replicas", "--target-ongoing-requests")
+
+
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "scale-out on Ray Serve (pip install 'modelscope_llama2[ray]')",
+        "With --replicas the same API is served by N engine replicas on a Ray cluster, each conversation kept "
+        "on the replica that holds its KV cache.")
+    group.add_argument("--replicas", type=int, help="engine replicas (default: none, a single-process server)")
+    group.add_argument("--ray-address", help="join this Ray cluster ('auto': the one on this machine); default: "
+                                             "start a local Ray instance")
+    group.add_argument("--min-replicas", type=int, help="autoscale down to this many replicas")
+    group.add_argument("--max-replicas", type=int, help="autoscale up to this many replicas")
+    group.add_argument("--target-ongoing-requests", type=float, help="autoscaling target of requests per replica")
+    group.add_argument("--max-ongoing-requests", type=int, default=8,
+                       help="requests one replica takes before the router prefers another (default: 8)")
+    group.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica (default: 1)")
+    group.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs reserved per replica (default: 0)")
+    group.add_argument("--imbalance", type=int, default=4,
+                       help="affinity: pass over a conversation's replica while it has this many more requests "
+                            "than the least loaded one (default: 4)")
+    group.add_argument("--router", choices=("affinity", "default"), default="affinity",
+                       help="affinity: each conversation to the replica holding its cache; default: Ray Serve's "
+                            "power-of-two-choices (default: affinity)")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from .apps.terminal import resolve_model_dir
     from .serving.server import build_app, run
 
+    given = [flag for flag in RAY_ONLY_FLAGS if getattr(args, flag.lstrip("-").replace("-", "_")) is not None]
+    if given and args.replicas is None:
+        raise ValueError(f"{given[0]}: only applies with --replicas N (scale-out on Ray Serve)")
     model_dir = resolve_model_dir(args.model, args.revision)
     name = args.served_model_name or args.model or "modelscope-llama2-demo"
+    if args.replicas is not None:
+        return _run_serve_on_ray(args, model_dir, name)
     app = build_app(model_dir, name, engine=args.engine, dtype=args.dtype, device=args.device, api_key=args.api_key,
                     max_running=args.max_running, max_waiting=args.max_waiting)
     run(app, args.host, args.port, args.api_key)
+    return 0
+
+
+def _run_serve_on_ray(args: argparse.Namespace, model_dir: str, name: str) -> int:
+    try:
+        from .serving import ray as on_ray
+    except ImportError as error:
+        raise RuntimeError(str(error)) from error
+    from .serving.openai import ServerConfig
+    from .serving.server import default_sampling
+
+    # A hub id is fetched by each replica on its own node; a directory must exist on every node.
+    local = args.model is None or os.path.isdir(os.path.expanduser(args.model))
+    engine = on_ray.EngineSpec(model_dir if local else args.model, revision=None if local else args.revision,
+                               engine=args.engine, dtype=args.dtype, device=args.device)
+    config = ServerConfig(name, api_key=args.api_key, default_sampling=default_sampling(model_dir),
+                          max_running=args.max_running, max_waiting=args.max_waiting)
+    scale = on_ray.ScaleSpec(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                             target_ongoing_requests=args.target_ongoing_requests,
+                             max_ongoing_requests=args.max_ongoing_requests, replica_cpus=args.replica_cpus,
+                             replica_gpus=args.replica_gpus, router=args.router,
+                             imbalance=args.imbalance)
+    on_ray.run(engine, config, scale, args.host, args.port, args.ray_address)
     return 0
 
 

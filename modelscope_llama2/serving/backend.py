@@ -58,6 +58,9 @@ class Backend(abc.ABC):
     async def close(self) -> None:
         """Release what the backend holds."""
 
+    def register_metrics(self, registry: Any) -> None:
+        """Add the backend's own metrics to the app's Prometheus ``registry`` (served on ``/metrics``); none here."""
+
 
 class LocalBackend(Backend):
     """An :class:`Engine` in this process.

@@ -478,6 +478,7 @@ def _sse(payload: Any) -> str:
 def create_app(backend: Backend, config: ServerConfig) -> FastAPI:
     """The OpenAI-compatible FastAPI app over ``backend``; see the module doc."""
     metrics = ServerMetrics()
+    backend.register_metrics(metrics.registry)
     admission = Admission(config.max_running, config.max_waiting, metrics)
     generation = Generation(backend, admission, metrics)
     builder = PromptBuilder(backend, config)

@@ -1,0 +1,169 @@
+"""Conversation affinity on Ray Serve: 16 conversations x 6 turns against 2 replicas, affinity vs Ray's default router.
+
+A simulated two-node Ray cluster (one CPU each, as in ``tests/ray``) runs
+the OpenAI app with 2 replicas of the 166M benchmark checkpoint
+(``bench/checkpoint.py``), first behind Ray Serve's default router
+(power of two choices: the less loaded of two random replicas), then behind
+this package's conversation-affinity router. Each replica runs the
+transformers engine with a 16-conversation prefix cache and one request at
+a time; clients send the 16 conversations 4 at a time, every turn streamed
+with the real ``openai`` SDK, 16 greedy tokens per answer, and a user pause of
+0-2 s (seeded) before each later turn. Without pauses, closed-loop clients
+make any least-loaded router look sticky: the replica that just finished a
+client's turn is the one with a free slot when its next turn arrives (with
+2 replicas and 4 clients in lockstep, Ray's default router then keeps every
+conversation in place by accident); with pauses, turns arrive as real users'
+do, at moments unrelated to where their conversation lives.
+
+For turns 2-6 of each conversation:
+
+* hit rate: the share of turns whose ``usage.prompt_tokens_details.cached_tokens``
+  covers the whole previous turn's prompt (it was answered by the replica
+  that holds the conversation's KV);
+* TTFT p50: the median time from sending the request to the first streamed text.
+
+Targets (issue 12): hit rate >= 0.9 with affinity; later-turn TTFT p50 with
+affinity at most half the default router's.
+
+Run: ``python bench/scale.py`` (about 5 minutes on 2 idle cores; needs the
+``[ray]`` extra; the first run also builds the checkpoint, about a minute).
+"""
+
+import argparse
+import os
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Tuple
+
+from checkpoint import QUESTIONS, SYSTEM, checkpoint_dir
+from timing import machine_line, table, verdict
+
+CONVERSATIONS = 16
+TURNS = 6
+CLIENTS = 4
+NEW_TOKENS = 16
+THINK_S = 2.0  # the longest pause of a user between turns
+MODEL = "bench-166m"
+
+Turn = Tuple[int, float, bool]  # (turn index, seconds to first text, previous prompt fully cached)
+
+
+def conversation(client, index: int) -> List[Turn]:
+    """One conversation's turns: TTFT and whether the previous prompt came from the cache."""
+    messages = [{"role": "system", "content": SYSTEM}]
+    previous_prompt, turns = 0, []
+    pauses = random.Random(index)
+    for turn in range(TURNS):
+        if turn:
+            time.sleep(pauses.uniform(0, THINK_S))
+        # The first question names the conversation, so conversations differ after the shared system prompt.
+        question = QUESTIONS[turn] if turn else f"(Family {index}) {QUESTIONS[0]}"
+        messages.append({"role": "user", "content": question})
+        started, first, pieces, usage = time.perf_counter(), None, [], None
+        for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=NEW_TOKENS,
+                                                    temperature=0, stream=True,
+                                                    stream_options={"include_usage": True}):
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.perf_counter() - started
+                pieces.append(chunk.choices[0].delta.content)
+            usage = chunk.usage or usage
+        cached = usage.prompt_tokens_details.cached_tokens
+        turns.append((turn, first if first is not None else time.perf_counter() - started,
+                      turn > 0 and cached >= previous_prompt))
+        previous_prompt = usage.prompt_tokens
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+    return turns
+
+
+def replica_split(metrics_text: str) -> Dict[str, float]:
+    """Finished requests by replica, from the app's ``/metrics``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {sample.labels["replica"]: sample.value for family in text_string_to_metric_families(metrics_text)
+            if family.name == "modelscope_llama2_replica_requests" for sample in family.samples
+            if sample.name.endswith("_total")}
+
+
+def run_router(model_dir: str, router: str, port: int) -> Dict[str, object]:
+    import httpx
+    import openai
+    from ray import serve
+
+    from modelscope_llama2.serving.openai import ServerConfig
+    from modelscope_llama2.serving.ray import EngineSpec, ScaleSpec, build_application
+
+    engine = EngineSpec(model_dir, device="cpu", prefix_cache_entries=CONVERSATIONS, max_concurrent=1)
+    scale = ScaleSpec(replicas=2, replica_cpus=0.75, router=router)
+    serve.run(build_application(engine, ServerConfig(MODEL), scale), name=router, route_prefix="/")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                               timeout=600)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            turns = [t for result in pool.map(lambda i: conversation(client, i), range(CONVERSATIONS))
+                     for t in result]
+        later = [t for t in turns if t[0] > 0]
+        split = replica_split(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text)
+        return {"requests per replica": "/".join(str(int(n)) for n in sorted(split.values(), reverse=True)),"hit_rate": sum(hit for _, _, hit in later) / len(later),
+                "ttft_later_p50": statistics.median(ttft for _, ttft, _ in later),
+                "ttft_first_p50": statistics.median(ttft for turn, ttft, _ in turns if turn == 0),
+                "wall_s": time.perf_counter() - started}
+    finally:
+        serve.delete(router)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default=None, help="checkpoint cache dir (default: ~/.cache/modelscope_llama2-bench)")
+    args = parser.parse_args()
+    model_dir = checkpoint_dir(args.dir)
+    print(machine_line())
+
+    # Nothing written to ~/.ray, nothing shared with other Ray instances on this machine.
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-bench-")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_memory_monitor_refresh_ms"] = "0"  # other work on a shared box must not get replicas killed
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    node = {"num_cpus": 1, "object_store_memory": 200 * 2**20}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    try:
+        cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        figures = {router: run_router(model_dir, router, port) for router in ("default", "affinity")}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+    print(f"\n{CONVERSATIONS} conversations x {TURNS} turns, 2 replicas, {CLIENTS} clients, "
+          f"{NEW_TOKENS} tokens per answer")
+    print(table(["router", "requests per replica", "hit rate (turns 2-6)", "TTFT p50 turns 2-6 (s)",
+                 "TTFT p50 turn 1 (s)", "wall (s)"],
+                [[router, f["requests per replica"], f["hit_rate"], f["ttft_later_p50"], f["ttft_first_p50"],
+                  f["wall_s"]]
+                 for router, f in figures.items()]))
+    affinity, default = figures["affinity"], figures["default"]
+    hit_ratio = affinity["hit_rate"] / default["hit_rate"] if default["hit_rate"] else float("inf")
+    ttft_ratio = affinity["ttft_later_p50"] / default["ttft_later_p50"]
+    print(f"\nhit rate, affinity / default: {hit_ratio:.2f}x; later-turn TTFT p50, affinity / default: "
+          f"{ttft_ratio:.2f}x")
+    ok = verdict("affinity hit rate", affinity["hit_rate"], ">= 0.9", affinity["hit_rate"] >= 0.9)
+    ok &= verdict("later-turn TTFT p50, affinity / default", ttft_ratio, "<= 0.5", ttft_ratio <= 0.5)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

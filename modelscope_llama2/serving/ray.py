@@ -1,0 +1,461 @@
+"""The OpenAI server on Ray Serve: N engine replicas across machines, conversations kept on their cache.
+
+Two deployments make one Serve application:
+
+* :class:`ModelReplica` (``num_replicas`` or autoscaled): each replica holds
+  one engine (transformers, or vLLM with its own tensor/pipeline parallelism)
+  behind a :class:`~modelscope_llama2.serving.backend.LocalBackend`, and
+  streams plain :class:`~modelscope_llama2.decoding.TextDelta` items back.
+* :class:`OpenAIIngress` (``num_cpus=0``): the same FastAPI app as the
+  single-process server, over a :class:`RemoteBackend` that calls the
+  replicas through a ``DeploymentHandle``.
+
+Routing happens one hop after Serve's HTTP proxy, in the ingress, where the
+prompt is a :class:`~modelscope_llama2.prompts.prompt.Prompt` and not bytes:
+:class:`ConversationAffinityRouter` (Serve's public request-router API) sends
+every turn of a conversation to the replica ranked first for it by
+:mod:`~modelscope_llama2.serving.affinity`, and to the least loaded of the
+others when that one is full or gone.
+
+Faults: a request whose replica dies before any text reached the app is sent
+again (the router no longer offers the dead replica); one cut mid-stream
+raises :class:`~modelscope_llama2.serving.backend.BackendUnavailable`, which
+the app turns into an OpenAI error event. Serve restarts the replica; it
+takes the dead one's rank, and with it the same conversations.
+
+Example:
+    >>> spec = EngineSpec(model="path/to/Llama-2-7b-chat-ms")
+    >>> app = build_application(spec, ServerConfig("llama-2-7b-chat"), ScaleSpec(replicas=2))  # doctest: +SKIP
+    >>> serve.run(app, name="modelscope-llama2", route_prefix="/")  # doctest: +SKIP
+"""
+
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
+
+try:
+    from ray import serve
+    from ray.exceptions import RayActorError
+    from ray.serve.config import RequestRouterConfig
+    from ray.serve.exceptions import ReplicaUnavailableError
+    from ray.serve.handle import DeploymentHandle
+    from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "serve --replicas runs on Ray Serve, which is not installed: pip install 'modelscope_llama2[ray]'"
+    ) from error
+
+from prometheus_client import CollectorRegistry, Counter
+
+from ..decoding import TextDelta
+from ..engines.base import Engine, Usage
+from ..prompts.prompt import Prompt, SamplingParams
+from .affinity import conversation_key, rank_order, turn_end_ids
+from .backend import Backend, BackendUnavailable, LocalBackend
+from .metrics import PREFIX
+from .openai import ServerConfig, create_app
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "modelscope-llama2"
+MODEL_DEPLOYMENT = "Llama2Replica"
+INGRESS_DEPLOYMENT = "OpenAIIngress"
+ROUTERS = ("affinity", "default")
+
+# What Serve raises when the replica serving a call is gone.
+REPLICA_LOST = (RayActorError, ReplicaUnavailableError)
+
+
+# -- plain data between the driver, the ingress and the replicas --------------------
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """The engine each replica builds: checkpoint (dir or ModelScope id), engine name and its options.
+
+    ``engine_options`` go to the engine (vLLM: ``tensor_parallel_size``,
+    ``pipeline_parallel_size``, ``gpu_memory_utilization``, ...);
+    ``prefix_cache_entries`` sizes the transformers engine's KV-cache pool;
+    ``max_concurrent``: requests generating at once in one replica (the
+    rest wait inside it, not yet streaming).
+    """
+
+    model: str
+    engine: str = "transformers"
+    revision: Optional[str] = None
+    device: Optional[str] = None
+    dtype: str = "auto"
+    engine_options: Mapping[str, Any] = field(default_factory=dict)
+    prefix_cache_entries: int = 16
+    max_concurrent: int = 16
+
+
+@dataclass(frozen=True)
+class ScaleSpec:
+    """How many replicas, what each may hold, and how Serve watches them.
+
+    With ``min_replicas``/``max_replicas`` Serve autoscales (starting at
+    ``replicas``) toward ``target_ongoing_requests`` per replica.
+    ``max_ongoing_requests``: a replica with that many requests is full; the
+    router then prefers the least loaded other replica, as it does while the
+    preferred one has ``imbalance`` more requests than the least loaded.
+    """
+
+    replicas: int = 1
+    min_replicas: Optional[int] = None
+    max_replicas: Optional[int] = None
+    target_ongoing_requests: Optional[float] = None
+    max_ongoing_requests: int = 8
+    replica_cpus: float = 1.0
+    replica_gpus: float = 0.0
+    router: str = "affinity"
+    imbalance: int = 4
+    health_check_period_s: float = 10.0
+    graceful_shutdown_timeout_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        _positive_int(self.replicas, "replicas")
+        _positive_int(self.max_ongoing_requests, "max_ongoing_requests")
+        _positive_int(self.imbalance, "imbalance")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router: expected one of {list(ROUTERS)}, got {self.router!r}")
+        if self.autoscaling:
+            low = self.replicas if self.min_replicas is None else self.min_replicas
+            high = self.replicas if self.max_replicas is None else self.max_replicas
+            _positive_int(high, "max_replicas")
+            if not isinstance(low, int) or isinstance(low, bool) or not 0 <= low <= self.replicas <= high:
+                raise ValueError(f"replicas: expected min_replicas <= replicas <= max_replicas, got "
+                                 f"{low} <= {self.replicas} <= {high}")
+        if self.target_ongoing_requests is not None and not self.target_ongoing_requests > 0:
+            raise ValueError(f"target_ongoing_requests: expected a positive number, got {self.target_ongoing_requests!r}")
+        for name in ("replica_cpus", "replica_gpus"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: expected a non-negative number, got {getattr(self, name)!r}")
+
+    @property
+    def autoscaling(self) -> bool:
+        return (self.min_replicas, self.max_replicas, self.target_ongoing_requests) != (None, None, None)
+
+    def deployment_options(self) -> Dict[str, Any]:
+        """Keyword arguments for ``serve.deployment`` of the model replicas."""
+        options: Dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": self.replica_cpus, "num_gpus": self.replica_gpus},
+            "health_check_period_s": self.health_check_period_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+        }
+        if self.autoscaling:
+            config = {"initial_replicas": self.replicas,
+                      "min_replicas": self.replicas if self.min_replicas is None else self.min_replicas,
+                      "max_replicas": self.replicas if self.max_replicas is None else self.max_replicas}
+            if self.target_ongoing_requests is not None:
+                config["target_ongoing_requests"] = self.target_ongoing_requests
+            options["autoscaling_config"] = config
+        else:
+            options["num_replicas"] = self.replicas
+        if self.router == "affinity":
+            options["request_router_config"] = RequestRouterConfig(
+                request_router_class=ConversationAffinityRouter, request_router_kwargs={"imbalance": self.imbalance})
+        return options
+
+
+@dataclass(frozen=True)
+class ReplicaCard:
+    """What the ingress needs from the replicas to build and check prompts.
+
+    ``name`` and ``sampling_options`` are the engine's, so the engine's own
+    :meth:`~modelscope_llama2.engines.base.Engine.check_sampling` runs on them.
+    """
+
+    tokenizer: Any
+    context_length: int
+    name: str
+    sampling_options: FrozenSet[str]
+
+
+@dataclass(frozen=True)
+class ServedBy:
+    """The first item of every replica stream: which replica (and rank) answers."""
+
+    replica_id: str
+    rank: int
+
+
+# -- the replicas ---------------------------------------------------------------------
+
+
+def load_engine(spec: EngineSpec) -> Tuple[Engine, Any]:
+    """``(engine, tokenizer)`` for ``spec``, built through ModelScope's ``Model.from_pretrained``.
+
+    The facade picks the engine (``llm_framework``) and imports vLLM only
+    when asked for; the transformers engine gets a prefix cache of
+    ``spec.prefix_cache_entries`` conversations, the cache affinity routing fills.
+    """
+    import modelscope_llama2  # noqa: F401  (registers the model with ModelScope)
+    from modelscope import Model
+
+    from ..constants import LLM_FRAMEWORK_KEY
+    from ..tokenizer import Llama2Tokenizer
+
+    kwargs: Dict[str, Any] = {LLM_FRAMEWORK_KEY: spec.engine, **spec.engine_options}
+    for key, value in (("revision", spec.revision), ("device", spec.device)):
+        if value is not None:
+            kwargs[key] = value
+    if spec.dtype != "auto":
+        kwargs["torch_dtype" if spec.engine == "transformers" else "dtype"] = spec.dtype
+    model = Model.from_pretrained(spec.model, **kwargs)
+    if spec.engine == "transformers":
+        model.set_prompt_cache(max_entries=spec.prefix_cache_entries)
+    return model.engine, Llama2Tokenizer.from_pretrained(model.model_dir)
+
+
+class ModelReplica:
+    """One Serve replica: one engine, streaming a prompt's :class:`TextDelta` items after a :class:`ServedBy`.
+
+    The stream is cancelled by Serve when the caller goes away, which closes
+    the local backend's stream and aborts the request in the engine.
+    """
+
+    def __init__(self, spec: EngineSpec):
+        engine, tokenizer = load_engine(spec)
+        self._backend = LocalBackend(engine, tokenizer, max_workers=spec.max_concurrent)
+        self._engine: Engine = engine
+        context = serve.get_replica_context()
+        self._served_by = ServedBy(context.replica_id.unique_id, context.rank.rank)
+        self._turn_end = turn_end_ids(tokenizer.sp_model.encode)
+
+    def record_replica_metadata(self) -> Dict[str, Any]:
+        """Published once to every router: the rank (which keys are ours) and how a user turn ends."""
+        return {"rank": self._served_by.rank, "turn_end_ids": list(self._turn_end)}
+
+    def card(self) -> ReplicaCard:
+        """What the ingress builds prompts with (asked once, when it starts)."""
+        return ReplicaCard(self._backend.tokenizer, self._engine.context_length, self._engine.name,
+                           frozenset(self._engine.sampling_options))
+
+    async def stream(self, prompt: Prompt) -> AsyncIterator[Union[ServedBy, TextDelta]]:
+        yield self._served_by
+        async for delta in self._backend.stream(prompt):
+            yield delta
+
+    async def __del__(self) -> None:
+        await self._backend.close()
+
+
+# -- routing ----------------------------------------------------------------------------
+
+
+class ConversationAffinityRouter(RequestRouter):
+    """Each conversation to the replica ranked first for its key, unless that one is busy; then the least loaded.
+
+    Ranks: the replica holding the conversation's rank first, then all the
+    others (Serve takes the least loaded replica with room in the first
+    rank that has one; a replica is full at its ``max_ongoing_requests``).
+    The preferred replica is also passed over while it has ``imbalance``
+    more requests than the least loaded one: a queue costs more than a
+    cache miss saves. Anything that is not a prompt goes to the least
+    loaded replica. This never raises: a request must never hang on a
+    routing bug.
+    """
+
+    def initialize_state(self, imbalance: int = 4, **_: Any) -> None:
+        self._imbalance = imbalance
+
+    async def choose_replicas(
+        self, candidate_replicas: List[RunningReplica], pending_request: Optional[PendingRequest] = None
+    ) -> List[List[RunningReplica]]:
+        if pending_request is not None:
+            # Without backoff, a deployment whose replicas are all full spins on this loop.
+            pending_request.routing_context.should_backoff = True
+        try:
+            ranked = preference(candidate_replicas, _prompt_of(pending_request))
+            if len(ranked) == 2 and self._busier(ranked[0], ranked[1]):
+                return [ranked[1], ranked[0]]
+            return ranked
+        except Exception:  # a routing bug must cost cache hits, never requests
+            logger.exception("conversation affinity failed; routing to the least loaded replica")
+            return [list(candidate_replicas)]
+
+    def _busier(self, preferred: List[RunningReplica], others: List[RunningReplica]) -> bool:
+        def load(replica: RunningReplica) -> int:
+            return self.replica_queue_len_cache.get(replica.replica_id) or 0  # unknown: assume idle
+
+        return bool(others) and min(map(load, preferred)) - min(map(load, others)) >= self._imbalance
+
+
+def preference(replicas: Sequence[Any], prompt: Optional[Prompt]) -> List[List[Any]]:
+    """``[[preferred replicas], [the others]]`` for ``prompt`` (one rank of all when there is no choice)."""
+    if prompt is None or len(replicas) < 2:
+        return [list(replicas)]
+    metadata = [replica.replica_metadata for replica in replicas]
+    turn_end = next((m["turn_end_ids"] for m in metadata if "turn_end_ids" in m), ())
+    # A replica that published no rank (still starting) can only be a fallback.
+    ranks = sorted({m["rank"] for m in metadata if "rank" in m})
+    if not ranks:
+        return [list(replicas)]
+    best = rank_order(conversation_key(prompt.token_ids, turn_end), ranks)[0]
+    preferred = [r for r, m in zip(replicas, metadata) if m.get("rank") == best]
+    return [preferred, [r for r in replicas if all(r is not p for p in preferred)]]
+
+
+def _prompt_of(pending_request: Optional[PendingRequest]) -> Optional[Prompt]:
+    if pending_request is None:
+        return None
+    first = pending_request.args[0] if pending_request.args else None
+    return first if isinstance(first, Prompt) else None
+
+
+# -- the ingress -------------------------------------------------------------------------
+
+
+class ReplicaMetrics:
+    """Per-replica requests and prefix-cache hits, counted where the streams end (the ingress)."""
+
+    LABELS = ("replica", "rank")
+
+    def __init__(self, registry: CollectorRegistry):
+        self.requests = Counter(PREFIX + "replica_requests", "Finished requests, by replica", self.LABELS,
+                                registry=registry)
+        self.cache_hits = Counter(PREFIX + "replica_prefix_cache_hits",
+                                  "Finished requests that reused cached prompt tokens, by replica", self.LABELS,
+                                  registry=registry)
+        self.cached_tokens = Counter(PREFIX + "replica_prompt_tokens_cached",
+                                     "Prompt tokens served from the replica's prefix cache", self.LABELS,
+                                     registry=registry)
+        self.prompt_tokens = Counter(PREFIX + "replica_prompt_tokens", "Prompt tokens, by replica", self.LABELS,
+                                     registry=registry)
+        self.retries = Counter(PREFIX + "replica_retries",
+                               "Requests sent to another replica after theirs stopped before answering",
+                               registry=registry)
+
+    def record(self, served_by: ServedBy, usage: Usage) -> None:
+        labels = {"replica": served_by.replica_id, "rank": str(served_by.rank)}
+        self.requests.labels(**labels).inc()
+        self.prompt_tokens.labels(**labels).inc(usage.prompt_tokens)
+        self.cached_tokens.labels(**labels).inc(usage.cached_tokens)
+        if usage.cached_tokens:
+            self.cache_hits.labels(**labels).inc()
+
+
+class RemoteBackend(Backend):
+    """A :class:`Backend` whose engine is a Serve deployment of :class:`ModelReplica`.
+
+    ``retries``: how many more replicas a request may try when the one it
+    was sent to dies before any text came back.
+    """
+
+    def __init__(self, handle: DeploymentHandle, card: ReplicaCard, retries: int = 2):
+        self._handle = handle.options(stream=True)
+        self._card = card
+        self.tokenizer = card.tokenizer
+        self.context_length = card.context_length
+        self.engine_name = card.name
+        self.retries = retries
+        self.metrics: Optional[ReplicaMetrics] = None
+        self._live: Dict[str, Any] = {}
+
+    def check_sampling(self, sampling: SamplingParams, where: str) -> None:
+        # The engine's own check, on the name and options its replicas published.
+        Engine.check_sampling(self._card, sampling, where)  # type: ignore[arg-type]
+
+    async def stream(self, prompt: Prompt) -> AsyncIterator[TextDelta]:
+        for attempt in range(self.retries + 1):
+            response = self._handle.stream.remote(prompt)
+            self._live[prompt.request_id] = response
+            served_by: Optional[ServedBy] = None
+            streamed = False
+            try:
+                async for item in response:
+                    if isinstance(item, ServedBy):
+                        served_by = item
+                        continue
+                    streamed = True
+                    if item.usage is not None and self.metrics is not None and served_by is not None:
+                        self.metrics.record(served_by, item.usage)
+                    yield item
+                return
+            except REPLICA_LOST as error:
+                where = f"replica {served_by.replica_id}" if served_by else "its replica"
+                if streamed:
+                    raise BackendUnavailable(f"{where} stopped while streaming this answer; send it again") from error
+                logger.warning("request %s: %s is gone before answering (attempt %d of %d); trying another",
+                               prompt.request_id, where, attempt + 1, self.retries + 1)
+                if self.metrics is not None:
+                    self.metrics.retries.inc()
+            finally:
+                self._live.pop(prompt.request_id, None)
+                response.cancel()  # no-op once finished; frees the replica when the caller left early
+        raise BackendUnavailable(f"no replica could answer: {self.retries + 1} replicas stopped before answering")
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        self.metrics = ReplicaMetrics(registry)
+
+    async def abort(self, request_id: str) -> None:
+        response = self._live.get(request_id)
+        if response is not None:
+            response.cancel()
+
+
+@serve.ingress()
+class OpenAIIngress:
+    """The single-process server's FastAPI app, over a :class:`RemoteBackend` to the model replicas."""
+
+    async def __init__(self, model: DeploymentHandle, config: ServerConfig):
+        card = await model.card.remote()
+        self._backend = RemoteBackend(model, card)
+        self._config = config
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_app(self._backend, self._config)
+
+
+def build_application(engine: EngineSpec, config: ServerConfig, scale: ScaleSpec):
+    """The Serve application: the ingress bound to ``scale.replicas`` model replicas of ``engine``."""
+    model = serve.deployment(ModelReplica, name=MODEL_DEPLOYMENT, **scale.deployment_options())
+    ingress = serve.deployment(OpenAIIngress, name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=config.max_running + config.max_waiting)
+    return ingress.bind(model.bind(engine), config)
+
+
+def _positive_int(value: Any, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
+def run(engine: EngineSpec, config: ServerConfig, scale: ScaleSpec, host: str = "127.0.0.1", port: int = 8000,
+        ray_address: Optional[str] = None, app_name: str = APP_NAME) -> None:
+    """Serve on Ray until Ctrl-C or SIGTERM: a local Ray instance, or the cluster at ``ray_address`` (``auto``: this machine's).
+
+    Serve's HTTP proxy listens on ``host:port`` of the head node; a line on
+    stderr says when the application is ready. On the way out (also while
+    still starting) the application is deleted; a local instance is shut
+    down, a joined cluster keeps running.
+    """
+    import ray
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    joined = ray_address is not None
+    ray.init(address=ray_address) if joined else ray.init(include_dashboard=False)
+    try:
+        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        serve.run(build_application(engine, config, scale), name=app_name, route_prefix="/")
+        print(f"serving {config.served_model_name} on http://{host}:{port}/v1 with {scale.replicas} replica(s) "
+              f"on Ray Serve; Ctrl-C to stop", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass  # how this command stops
+    finally:
+        if joined:
+            serve.delete(app_name)
+        else:
+            serve.shutdown()
+        ray.shutdown()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,221 @@
+"""The OpenAI server on Ray Serve, two replicas on a simulated two-node cluster, driven by the ``openai`` SDK.
+
+The tiny random checkpoint gives long, arbitrary greedy answers: any
+difference from the single-process server (a token, an ordering, text from
+another request) shows. Which replica answered is read from the app's own
+``/metrics`` (requests by replica id and rank).
+"""
+
+import concurrent.futures
+import threading
+
+import httpx
+import openai
+import pytest
+
+from modelscope_llama2.serving.affinity import conversation_key, rank_order
+from modelscope_llama2.serving.server import build_app
+from tests.ray.conftest import MODEL, metric_value, replica_requests, scaled_app, wait_for
+from tests.test_serve import running_server
+
+pytestmark = pytest.mark.ray
+
+APP = "scaled"
+GREEDY = {"temperature": 0}
+SYSTEM = ("You are a helpful assistant. Always answer as helpfully as possible, while being safe. "
+          "Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, "
+          "or illegal content. Please ensure that your responses are socially unbiased and positive in nature. ")
+QUESTIONS = [
+    "Where is the capital of Zhejiang?", "What are the interesting places there?", "Hello there",
+    "The quick brown fox jumps over the lazy dog.", "Numbers: 0123456789", "Tabs and double spaces",
+    "West Lake, Lingyin Temple and the Grand Canal.", "Pack my box with five dozen liquor jugs.",
+]
+FOLLOW_UPS = ["And then?", "Why is that?"]
+
+
+@pytest.fixture(scope="module")
+def scaled_url(serve_url, tiny_dir):
+    from ray import serve
+
+    serve.run(scaled_app(tiny_dir), name=APP, route_prefix="/")
+    yield serve_url
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def scaled(scaled_url):
+    return openai.OpenAI(base_url=scaled_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def local(tiny_dir):
+    """The single-process server (``serve`` without ``--replicas``) on the same checkpoint."""
+    import torch
+
+    # Ray gives a replica of under 2 CPUs one intra-op thread; the same reduction order here keeps
+    # the random weights' near-ties breaking the same way.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with running_server(build_app(tiny_dir, MODEL)) as url:
+            yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def opening(question):
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+
+
+def answer(client, messages, **options):
+    """``(text, finish reason, usage)`` of a greedy chat completion."""
+    reply = client.chat.completions.create(model=MODEL, messages=messages, **GREEDY, **options)
+    return reply.choices[0].message.content, reply.choices[0].finish_reason, reply.usage
+
+
+def same_answer(client, messages, **options):
+    """What must not depend on where it ran: text, finish reason, token counts (not the cache hits)."""
+    text, finish_reason, usage = answer(client, messages, **options)
+    return text, finish_reason, usage.prompt_tokens, usage.completion_tokens
+
+
+def streamed(client, messages, **options):
+    chunks = client.chat.completions.create(model=MODEL, messages=messages, stream=True, **GREEDY, **options)
+    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+
+
+def metrics(url):
+    return httpx.get(url + "/metrics", timeout=30).text
+
+
+def served_by(before, after):
+    """The one (replica, rank) whose finished-request count rose between two ``/metrics`` reads."""
+    before, after = replica_requests(before), replica_requests(after)
+    rose = [key for key, count in after.items() if count > before.get(key, 0)]
+    assert len(rose) == 1, f"expected one replica to answer, saw {rose}"
+    return rose[0]
+
+
+@pytest.fixture(scope="module")
+def expected_rank(tiny_dir):
+    """The rank the affinity router should pick for a dialog (of replicas ranked 0 and 1)."""
+    from modelscope_llama2 import Llama2Tokenizer
+    from modelscope_llama2.prompts.chat_format import encode_dialog
+    from modelscope_llama2.serving.affinity import turn_end_ids
+
+    sp = Llama2Tokenizer.from_pretrained(tiny_dir).sp_model
+    turn_end = turn_end_ids(sp.encode)
+
+    def rank(messages):
+        return rank_order(conversation_key(encode_dialog(messages, sp.encode, 1, 2), turn_end), [0, 1])[0]
+
+    return rank
+
+
+def test_answers_equal_the_single_process_server(scaled, local):
+    for question in QUESTIONS[:3]:
+        messages = opening(question)
+        assert same_answer(scaled, messages, max_tokens=40) == same_answer(local, messages, max_tokens=40)
+        assert streamed(scaled, messages, max_tokens=40) == streamed(local, messages, max_tokens=40)
+    completion = {"model": MODEL, "prompt": "The capital of Zhejiang is", "max_tokens": 24, "temperature": 0}
+    assert scaled.completions.create(**completion).choices[0].text == \
+        local.completions.create(**completion).choices[0].text
+    # Bad input is refused by the ingress with the same OpenAI error, before any replica works.
+    for bad in ({"max_tokens": 0}, {"messages": [{"role": "assistant", "content": "Hi"}]}):
+        body = {"model": MODEL, "messages": opening("Hi"), **bad}
+        errors = []
+        for client in (scaled, local):
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.chat.completions.create(**body)
+            errors.append((caught.value.status_code, caught.value.body.get("param")))
+        assert errors[0] == errors[1]
+
+
+def test_every_turn_of_a_conversation_lands_on_its_replica(scaled, scaled_url, expected_rank):
+    conversations = [opening(question) for question in QUESTIONS[:6]]
+    replicas = [set() for _ in conversations]
+    previous_prompt = [0] * len(conversations)
+    # Turn by turn across conversations, so each replica's cache holds several at once.
+    for turn in range(1 + len(FOLLOW_UPS)):
+        for i, messages in enumerate(conversations):
+            before = metrics(scaled_url)
+            text, _, usage = answer(scaled, messages, max_tokens=16)
+            replica, rank = served_by(before, metrics(scaled_url))
+            replicas[i].add(replica)
+            assert int(rank) == expected_rank(messages)
+            cached = usage.prompt_tokens_details.cached_tokens
+            if turn:
+                # The whole previous prompt came from this replica's cache; the new turn did not.
+                assert previous_prompt[i] <= cached < usage.prompt_tokens
+            previous_prompt[i] = usage.prompt_tokens
+            if turn < len(FOLLOW_UPS):
+                messages += [{"role": "assistant", "content": text}, {"role": "user", "content": FOLLOW_UPS[turn]}]
+    assert all(len(used) == 1 for used in replicas)
+    # One long shared system prompt, yet the conversations spread over both replicas.
+    assert len(set.union(*replicas)) == 2
+    text = metrics(scaled_url)
+    assert metric_value(text, "modelscope_llama2_replica_prefix_cache_hits") >= len(conversations) * len(FOLLOW_UPS)
+
+
+def test_killing_a_replica_under_load_loses_no_request(scaled, local, scaled_url, expected_rank):
+    import ray
+    from ray import serve
+
+    conversations = [opening(question) for question in QUESTIONS]
+    on_victim = [m for m in conversations if expected_rank(m) == 0]
+    assert len(on_victim) >= 3, "the questions should send several conversations to rank 0"
+    expected = [streamed(local, messages, max_tokens=200) for messages in conversations]
+    victim = victim_replica(scaled, scaled_url, on_victim[0])
+    retries_before = metric_value(metrics(scaled_url), "modelscope_llama2_replica_retries")
+
+    first_on_victim_streaming = threading.Event()
+
+    def ask(messages):
+        pieces = []
+        try:
+            chunks = scaled.chat.completions.create(model=MODEL, messages=messages, stream=True, max_tokens=200,
+                                                    **GREEDY)
+            for chunk in chunks:
+                if chunk.choices:
+                    pieces.append(chunk.choices[0].delta.content or "")
+                if messages is on_victim[0] and len(pieces) >= 5:
+                    first_on_victim_streaming.set()
+        except openai.APIError as error:  # the stream cut by the death: an OpenAI error event
+            return error
+        return "".join(pieces)
+
+    with concurrent.futures.ThreadPoolExecutor(len(conversations)) as pool:
+        futures = [pool.submit(ask, messages) for messages in conversations]
+        assert first_on_victim_streaming.wait(120), "the victim never started streaming"
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        results = [future.result(timeout=180) for future in futures]
+
+    errors = [r for r in results if isinstance(r, openai.APIError)]
+    # Every request gets its exact answer, or (only the one generating on the dead replica) a clean error.
+    assert all(r == e for r, e in zip(results, expected) if not isinstance(r, openai.APIError))
+    assert len(errors) <= 1 and all("Traceback" not in str(e) for e in errors)
+    # The ones waiting on the dead replica were sent to the other one and got their answers.
+    assert metric_value(metrics(scaled_url), "modelscope_llama2_replica_retries") > retries_before
+
+    def healthy():
+        deployment = serve.status().applications[APP].deployments["Llama2Replica"]
+        return deployment.replica_states.get("RUNNING", 0) == 2
+
+    wait_for(healthy, 60, "two healthy replicas again")
+    # The replacement took the dead replica's rank, and with it its conversations.
+    before = metrics(scaled_url)
+    assert streamed(scaled, on_victim[1], max_tokens=200) == expected[conversations.index(on_victim[1])]
+    replica, rank = served_by(before, metrics(scaled_url))
+    assert rank == "0" and not victim.endswith("#" + replica)
+
+
+def victim_replica(client, url, messages):
+    """The actor name of the replica that answers ``messages`` (rank 0 here)."""
+    import ray
+
+    before = metrics(url)
+    answer(client, messages, max_tokens=1)
+    replica, _ = served_by(before, metrics(url))
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("#" + replica)]
+    assert len(names) == 1
+    return names[0]

@@ -1,0 +1,66 @@
+"""Conversation keys and rendezvous ranking (no Ray needed): stable per conversation, spread across them."""
+
+from collections import Counter
+
+from modelscope_llama2 import Llama2Tokenizer
+from modelscope_llama2.constants import BOS_ID, DEMO_DIR, EOS_ID
+from modelscope_llama2.prompts.chat_format import encode_dialog
+from modelscope_llama2.serving.affinity import conversation_key, rank_order, turn_end_ids
+
+SYSTEM = "You are a helpful, respectful and honest assistant. " * 20  # one long prompt every conversation shares
+
+
+def encoder():
+    return Llama2Tokenizer.from_pretrained(DEMO_DIR).sp_model.encode
+
+
+def dialog(first, *rounds):
+    """A system prompt, the first question, then (answer, question) rounds."""
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": first}]
+    for answer, question in rounds:
+        messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": question}]
+    return messages
+
+
+def key_of(messages, encode):
+    return conversation_key(encode_dialog(messages, encode, BOS_ID, EOS_ID), turn_end_ids(encode))
+
+
+def test_every_turn_of_a_conversation_has_one_key():
+    encode = encoder()
+    turns = [dialog("Where is Hangzhou?"),
+             dialog("Where is Hangzhou?", ("In Zhejiang.", "And West Lake?")),
+             dialog("Where is Hangzhou?", ("In Zhejiang.", "And West Lake?"), ("In Hangzhou.", "Thanks!"))]
+    assert len({key_of(messages, encode) for messages in turns}) == 1
+    # The same system prompt with another first question is another conversation.
+    assert key_of(dialog("Where is Shanghai?"), encode) != key_of(turns[0], encode)
+
+
+def test_turn_end_ids_are_what_the_chat_format_writes():
+    encode = encoder()
+    end = turn_end_ids(encode)
+    ids = encode_dialog(dialog("Hi"), encode, BOS_ID, EOS_ID)
+    assert tuple(ids[-len(end):]) == end and end == tuple(encode("x [/INST]")[len(encode("x")):])
+
+
+def test_conversations_sharing_a_system_prompt_spread_over_replicas():
+    encode = encoder()
+    firsts = Counter(rank_order(key_of(dialog(f"Question number {i}?"), encode), [0, 1, 2, 3])[0]
+                     for i in range(64))
+    # 64 conversations over 4 ranks: every rank gets a fair share (16 expected).
+    assert set(firsts) == {0, 1, 2, 3} and min(firsts.values()) >= 8
+
+
+def test_a_departed_rank_moves_only_its_own_keys_and_gets_them_back():
+    keys = [bytes([i]) * 32 for i in range(200)]
+    before = {key: rank_order(key, [0, 1, 2])[0] for key in keys}
+    without_1 = {key: rank_order(key, [0, 2])[0] for key in keys}
+    assert all(without_1[key] == rank for key, rank in before.items() if rank != 1)
+    assert {without_1[key] for key, rank in before.items() if rank == 1} == {0, 2}
+    # The replica that takes rank 1 again takes exactly its keys back.
+    assert {key: rank_order(key, [2, 0, 1])[0] for key in keys} == before
+
+
+def test_a_prompt_without_a_user_turn_end_is_keyed_whole():
+    assert conversation_key((1, 5, 6), (9, 9)) != conversation_key((1, 5, 7), (9, 9))
+    assert conversation_key((1, 5, 6, 9, 9, 3), (9, 9)) == conversation_key((1, 5, 6, 9, 9, 4), (9, 9))
