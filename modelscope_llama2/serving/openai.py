@@ -510,47 +510,55 @@ def create_app(backend: Backend, config: ServerConfig) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        check_model(body.model)
-        prompts = builder.chat(body)
-        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    async def respond(body: Any, request: Request, prompts: List[Prompt], kind: str, stream_chunks: Any,
+                      build: Any) -> Any:
+        """Generate ``prompts``; SSE chunks from ``stream_chunks`` or one response from ``build``."""
+        response_id = f"{kind}-{uuid.uuid4().hex}"
         deltas = generation.run(prompts)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _streaming(metrics, _chat_chunks(body, prompts, response_id, deltas, include_usage))
+            return _streaming(metrics, stream_chunks(response_id, deltas, include_usage))
         choices = await _until_disconnected(request, _collect(deltas, len(prompts)))
         if choices is None:
             return _client_gone(metrics)
         metrics.requests.labels(status="200").inc()
-        return ChatCompletionResponse(
-            id=response_id, model=body.model,
-            choices=[ChatChoice(index=i, message=AssistantMessage(content="".join(c.text).rstrip()),
-                                finish_reason=c.finish_reason, token_ids=c.token_ids if body.return_token_ids else None)
-                     for i, c in enumerate(choices)],
-            usage=_usage(len(prompts[0].token_ids), [c.final for c in choices if c.final]),
-            prompt_token_ids=list(prompts[0].token_ids) if body.return_token_ids else None,
-        ).model_dump(exclude_none=True)
+        return build(response_id, choices).model_dump(exclude_none=True)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        check_model(body.model)
+        prompts = builder.chat(body)
+
+        def build(response_id: str, choices: List[Any]) -> ChatCompletionResponse:
+            return ChatCompletionResponse(
+                id=response_id, model=body.model,
+                choices=[ChatChoice(index=i, message=AssistantMessage(content="".join(c.text).rstrip()),
+                                    finish_reason=c.finish_reason,
+                                    token_ids=c.token_ids if body.return_token_ids else None)
+                         for i, c in enumerate(choices)],
+                usage=_usage(len(prompts[0].token_ids), [c.final for c in choices if c.final]),
+                prompt_token_ids=list(prompts[0].token_ids) if body.return_token_ids else None,
+            )
+
+        return await respond(body, request, prompts, "chatcmpl",
+                             lambda rid, deltas, usage: _chat_chunks(body, prompts, rid, deltas, usage), build)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         check_model(body.model)
         prompts = builder.completion(body)
-        response_id = f"cmpl-{uuid.uuid4().hex}"
-        deltas = generation.run(prompts)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _streaming(metrics, _completion_chunks(body, builder, prompts, response_id, deltas, include_usage))
-        choices = await _until_disconnected(request, _collect(deltas, len(prompts)))
-        if choices is None:
-            return _client_gone(metrics)
-        metrics.requests.labels(status="200").inc()
-        return CompletionResponse(
-            id=response_id, model=body.model,
-            choices=[_completion_choice(body, builder, p, i, "".join(c.text), c.finish_reason,
-                                        c.token_ids) for i, (p, c) in enumerate(zip(prompts, choices))],
-            usage=_usage(sum(len(p.token_ids) for p in prompts[::body.n]), [c.final for c in choices if c.final]),
-        ).model_dump(exclude_none=True)
+
+        def build(response_id: str, choices: List[Any]) -> CompletionResponse:
+            return CompletionResponse(
+                id=response_id, model=body.model,
+                choices=[_completion_choice(body, builder, p, i, "".join(c.text), c.finish_reason, c.token_ids)
+                         for i, (p, c) in enumerate(zip(prompts, choices))],
+                usage=_usage(sum(len(p.token_ids) for p in prompts[::body.n]), [c.final for c in choices if c.final]),
+            )
+
+        return await respond(body, request, prompts, "cmpl",
+                             lambda rid, deltas, usage: _completion_chunks(body, builder, prompts, rid, deltas, usage),
+                             build)
 
     return GuardMiddleware(app, config.api_key, config.max_body_bytes)
 
