@@ -7,8 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modelscope_llama2.constants import EOS_ID
-from modelscope_llama2.engines.continuous_batching import ContinuousBatchingEngine
+from modelscope_llama2.engines.continuous_batching import GREEDY, ContinuousBatchingEngine
 from modelscope_llama2.prompts.prompt import Prompt, SamplingParams
+
+
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def run(engine, prompts):
 
 def test_batched_greedy_ids_equal_generate(engine, model, tokenizer):
     texts = ["Hello there", "Where is the capital of Zhejiang?", "Numbers: 0123", "West Lake"]
-    prompts = [Prompt(tuple(tokenizer.encode(t, bos=True)), SamplingParams(max_new_tokens=24 + i))
+    prompts = [Prompt(tuple(tokenizer.encode(t, bos=True)), SamplingParams(max_new_tokens=24 + i, options=GREEDY))
                for i, t in enumerate(texts)]
     ids, finals = run(engine, prompts)
     for prompt in prompts:
@@ -55,8 +57,9 @@ def test_batched_greedy_ids_equal_generate(engine, model, tokenizer):
 
 
 def test_abort_from_another_thread_frees_the_request(engine, tokenizer):
-    prompt = Prompt(tuple(tokenizer.encode("Tabs and spaces", bos=True)), SamplingParams(max_new_tokens=4000))
-    other = Prompt(tuple(tokenizer.encode("Hello", bos=True)), SamplingParams(max_new_tokens=5))
+    prompt = Prompt(tuple(tokenizer.encode("Tabs and spaces", bos=True)),
+                    SamplingParams(max_new_tokens=4000, options=GREEDY))
+    other = Prompt(tuple(tokenizer.encode("Hello", bos=True)), SamplingParams(max_new_tokens=5, options=GREEDY))
     events = engine.generate([prompt, other])
     first = next(events)
     threading.Thread(target=engine.abort, args=(prompt.request_id,)).start()

@@ -12,8 +12,9 @@ thread per request), and :meth:`~ContinuousBatchingEngine.generate` is the
 blocking iterator every engine has, built on it.
 
 The manager samples with one generation config for all requests and one
-global random generator, so it serves greedy requests (bit-for-bit what
-``generate()`` gives); sampled or seeded requests go to ``fallback`` (by
+global random generator, so it serves greedy requests (``do_sample``
+explicitly ``False``; bit-for-bit what ``generate()`` gives); the rest
+(sampled, seeded, or leaving it to the checkpoint's defaults) go to ``fallback`` (by
 default a :class:`~.transformers_engine.TransformersEngine` on the same
 model, one request at a time).
 
@@ -22,7 +23,7 @@ Example:
     >>> from modelscope_llama2.constants import DEMO_DIR
     >>> from modelscope_llama2.prompts.prompt import Prompt, SamplingParams
     >>> engine = ContinuousBatchingEngine(AutoModelForCausalLM.from_pretrained(DEMO_DIR))
-    >>> prompt = Prompt(token_ids=(1, 3, 4), sampling=SamplingParams(max_new_tokens=3))
+    >>> prompt = Prompt(token_ids=(1, 3, 4), sampling=SamplingParams(max_new_tokens=3, options=GREEDY))
     >>> events = list(engine.generate([prompt]))
     >>> events[-1].finish_reason, events[-1].usage.prompt_tokens
     ('length', 3)
@@ -48,6 +49,9 @@ logger = logging.getLogger(__name__)
 # Prefix sharing works on whole pages: small pages let short chat turns share.
 PAGE_SIZE = 32
 
+
+# The options of a request the batching manager can serve.
+GREEDY = {"do_sample": False}
 
 class ContinuousBatchingEngine(Engine):
     """Greedy requests batched continuously by transformers; the rest through ``fallback``.
@@ -148,7 +152,7 @@ class ContinuousBatchingEngine(Engine):
 
     def _warm_up(self) -> None:
         # The first steps allocate the cache and pick kernels; pay that before the first client.
-        prompt = Prompt(token_ids=(BOS_ID, 3, 4, 5), sampling=SamplingParams(max_new_tokens=4))
+        prompt = Prompt(token_ids=(BOS_ID, 3, 4, 5), sampling=SamplingParams(max_new_tokens=4, options=GREEDY))
         for _ in self.generate([prompt]):
             pass
 

@@ -35,7 +35,12 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return not self.options.get("do_sample", False)
+        """Greedy for sure: ``do_sample`` is explicitly ``False``.
+
+        Without it an engine falls back to the checkpoint's generation
+        config, which may sample.
+        """
+        return self.options.get("do_sample") is False
 
 
 def new_request_id() -> str:
