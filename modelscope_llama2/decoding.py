@@ -21,7 +21,7 @@ Example:
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
-from .engines.base import Engine, TokenEvent, Usage
+from .engines.base import Engine, TokenEvent, TokenLogprob, Usage
 from .prompts.prompt import Prompt
 
 REPLACEMENT = "\ufffd"  # what sentencepiece decodes an incomplete UTF-8 byte sequence to
@@ -97,7 +97,9 @@ class StreamingDetokenizer:
 class TextDelta:
     """New text of one request; the last one has ``finish_reason`` and ``usage``.
 
-    ``token_ids`` are the ids that arrived with this delta (EOS excluded).
+    ``token_ids`` are the ids that arrived with this delta (EOS excluded);
+    ``logprobs`` and ``prompt_logprobs`` are passed on from the engine's
+    :class:`~modelscope_llama2.engines.base.TokenEvent`.
     """
 
     request_id: str
@@ -105,6 +107,8 @@ class TextDelta:
     token_ids: Tuple[int, ...] = ()
     finish_reason: Optional[str] = None
     usage: Optional[Usage] = None
+    logprobs: Tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: Optional[Tuple[Optional[TokenLogprob], ...]] = None
 
 
 def detokenizer_for(prompt: Prompt, tokenizer) -> StreamingDetokenizer:
@@ -141,7 +145,9 @@ def text_delta(detok: StreamingDetokenizer, event: TokenEvent, abort: Callable[[
     if event.finished:
         text += detok.finish()
         reason = "stop" if detok.stopped else event.finish_reason
-        return TextDelta(event.request_id, text, event.token_ids, reason, event.usage)
-    if text or event.token_ids:
-        return TextDelta(event.request_id, text, event.token_ids)
+        return TextDelta(event.request_id, text, event.token_ids, reason, event.usage, event.logprobs,
+                         event.prompt_logprobs)
+    if text or event.token_ids or event.prompt_logprobs is not None:
+        return TextDelta(event.request_id, text, event.token_ids, logprobs=event.logprobs,
+                         prompt_logprobs=event.prompt_logprobs)
     return None

@@ -42,13 +42,30 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of one token under the raw logits, and the ``top`` most likely ``(id, logprob)``."""
+
+    token_id: int
+    logprob: float
+    top: Tuple[Tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenEvent:
-    """New token ids of one request; the last event of a request has ``finish_reason`` and ``usage``."""
+    """New token ids of one request; the last event of a request has ``finish_reason`` and ``usage``.
+
+    ``logprobs``: one per id of ``token_ids`` when the request asked for
+    them (``SamplingParams.logprobs``). ``prompt_logprobs``: on a request's
+    first event when asked for (``SamplingParams.prompt_logprobs``), one per
+    prompt id, ``None`` for the first.
+    """
 
     request_id: str
     token_ids: Tuple[int, ...] = ()
     finish_reason: Optional[str] = None
     usage: Optional[Usage] = None
+    logprobs: Tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: Optional[Tuple[Optional[TokenLogprob], ...]] = None
 
     @property
     def finished(self) -> bool:

@@ -16,6 +16,21 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, Tuple
 
 Kind = Literal["chat", "completion"]
+StructuredKind = Literal["json_object", "json_schema", "grammar"]
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A grammar the generated text must follow (constrained decoding).
+
+    ``kind``: ``"json_object"`` (any JSON object; ``spec`` unused),
+    ``"json_schema"`` (``spec`` is the schema as JSON text) or ``"grammar"``
+    (``spec`` is an EBNF grammar as xgrammar and vLLM read it; what tool
+    calls use). Plain strings, so the request stays plain data.
+    """
+
+    kind: StructuredKind
+    spec: str = ""
 
 
 @dataclass(frozen=True)
@@ -32,6 +47,15 @@ class SamplingParams:
     stop: Tuple[str, ...] = ()
     seed: Optional[int] = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    # Log-probabilities of the raw logits (before temperature, penalties or
+    # grammar masks, as vLLM's default): None for none, k >= 0 for the chosen
+    # token's plus the k most likely.
+    logprobs: Optional[int] = None
+    # The same for every prompt token after the first (what `echo` scores).
+    prompt_logprobs: Optional[int] = None
+    # Keep generating past EOS until max_new_tokens (vLLM's ignore_eos: fixed-length benchmarks).
+    ignore_eos: bool = False
+    structured: Optional[StructuredOutput] = None
 
     @property
     def greedy(self) -> bool:
