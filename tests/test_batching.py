@@ -113,10 +113,11 @@ def test_next_turn_reuses_the_previous_turns_kv(engine, model, tokenizer):
     assert finals[second.request_id].usage.cached_tokens >= len(first.token_ids)
     assert out[second.request_id] == reference(model, list(turn2), 12)[0]
     # Another conversation sharing only the start: the prefix is copied, the first one's slot kept.
-    branch = first.token_ids[:6] + tuple(tokenizer.encode("Lingyin Temple"))
+    shared = len(first.token_ids) - 2
+    branch = first.token_ids[:shared] + tuple(tokenizer.encode("Lingyin Temple"))
     third = Prompt(branch, SamplingParams(max_new_tokens=12, options=GREEDY))
     out, finals, _ = run(engine, [third])
-    assert finals[third.request_id].usage.cached_tokens == 6
+    assert finals[third.request_id].usage.cached_tokens == shared
     assert out[third.request_id] == reference(model, list(branch), 12)[0]
 
 
@@ -128,7 +129,7 @@ def test_abort_frees_the_slot_at_once(model, tokenizer):
         queued = Prompt(encode(tokenizer, "Hello"), SamplingParams(max_new_tokens=5, options=GREEDY))
         events = engine.generate([long, queued])
         first = next(events)
-        assert first.request_id == long.request_id and engine.running == 1
+        assert first.request_id == long.request_id and engine.running == 2  # one in the slot, one queued
         threading.Thread(target=engine.abort, args=(long.request_id,)).start()
         finals = {e.request_id: e for e in [first, *events] if e.finished}
         assert finals[long.request_id].finish_reason == "abort"

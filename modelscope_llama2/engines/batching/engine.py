@@ -52,6 +52,9 @@ logger = logging.getLogger(__name__)
 
 # Idle slots kept for later turns, per running slot the batch allows (bounded by kv_cache_bytes too).
 SLOTS_PER_BATCH_ROW = 4
+# Shorter shared prefixes (BOS and "[INST]" of any two chats) are prefilled again rather than copied: what
+# vLLM's and transformers' block-level caches do with their 16- and 32-token blocks.
+MIN_REUSED_TOKENS = 16
 CPU_KV_CACHE_BYTES = 2 << 30
 
 
@@ -166,8 +169,9 @@ class BatchingEngine(Engine):
 
     @property
     def running(self) -> int:
-        """Requests holding a slot now."""
-        return len(self._running)
+        """Requests the engine holds (queued or in a slot); an aborted one is let go before the next forward."""
+        with self._cond:
+            return len(self._requests)
 
     # -- the step loop (engine thread only) --------------------------------------
 
@@ -234,15 +238,17 @@ class BatchingEngine(Engine):
             if n > shared:
                 best, shared = slot, n
         usable = min(shared, len(ids) - 1)
+        if usable < MIN_REUSED_TOKENS:
+            usable = 0
         free = [slot for slot in range(self.kv.slots) if self._owner[slot] is None]
         # The conversation's own earlier turn: take its slot as it is.
-        if best >= 0 and self._owner[best] is None and usable >= self._slot_prompt_len[best]:
+        if usable and self._owner[best] is None and usable >= self._slot_prompt_len[best]:
             return best, usable
         # Otherwise the least recently used free slot (never used ones first), with any shared prefix copied in.
         target = min(free, key=lambda slot: (bool(self._slot_ids[slot]), self._last_used[slot]))
         if usable > 0 and best != target:
             self.kv.copy_prefix(best, target, usable)
-        return target, usable if usable > 0 else 0
+        return target, usable
 
     def _step(self) -> None:
         prefilling = [r for r in self._running if len(r.feed) > 1 and not r.done]
