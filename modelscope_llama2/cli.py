@@ -170,7 +170,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _run_serve_on_ray(args: argparse.Namespace, model_dir: str, name: str) -> int:
     from .serving import ray as on_ray
-    from .serving.openai import ServerConfig
+    from .serving.config import ServerConfig
     from .serving.server import default_sampling
 
     # A hub id is fetched by each replica on its own node; a directory must exist on every node.
