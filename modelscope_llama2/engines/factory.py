@@ -18,10 +18,8 @@ Example:
 
 from typing import Any, Optional
 
-from ..constants import ENGINES
+from ..constants import ENGINES, LOAD_DTYPES
 from .base import Engine
-
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def serving_engine(model: Any, **options: Any) -> Engine:
@@ -42,8 +40,8 @@ def load_engine(model_dir: str, engine: str = "transformers", dtype: str = "auto
     """
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {list(ENGINES)}, got {engine!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
+    if dtype not in LOAD_DTYPES:
+        raise ValueError(f"dtype: expected one of {list(LOAD_DTYPES)}, got {dtype!r}")
     if engine == "vllm":
         try:
             from .vllm_engine import VllmEngine

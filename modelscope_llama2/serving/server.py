@@ -11,13 +11,14 @@ import logging
 import os
 from typing import Any, Dict, Optional
 
-from ..engines.factory import DTYPES, load_engine
+from ..constants import API_KEY_ENV
+from ..engines.factory import load_engine
 from .backend import LocalBackend
-from .openai import ServerConfig, create_app
+from .app import create_app
+from .config import ServerConfig
 
 logger = logging.getLogger(__name__)
 
-API_KEY_ENV = "MODELSCOPE_LLAMA2_API_KEY"
 
 
 def default_sampling(model_dir: str) -> Dict[str, Any]:
