@@ -50,8 +50,10 @@ from .sampler import CHECKPOINT_DEFAULTS, ROW_OPTIONS, RowSampling, row_sampling
 
 logger = logging.getLogger(__name__)
 
-# Idle slots kept for later turns, per running slot the batch allows (bounded by kv_cache_bytes too).
+# Slots (running and idle, kept for later turns): 4 per batch row, at least 32 conversations, as
+# kv_cache_bytes allows.
 SLOTS_PER_BATCH_ROW = 4
+MIN_SLOTS = 32
 # Shorter shared prefixes (BOS and "[INST]" of any two chats) are prefilled again rather than copied: what
 # vLLM's and transformers' block-level caches do with their 16- and 32-token blocks.
 MIN_REUSED_TOKENS = 16
@@ -84,7 +86,7 @@ class BatchingEngine(Engine):
         self._keeps_logits = "logits_to_keep" in forward_params
         per_slot = bytes_per_token(model.config, model.dtype) * self.context_length
         budget = kv_cache_bytes if kv_cache_bytes is not None else _default_kv_bytes(self._input_device)
-        slots = min(max(1, budget // per_slot), max_batch_size * SLOTS_PER_BATCH_ROW)
+        slots = min(max(1, budget // per_slot), max(max_batch_size * SLOTS_PER_BATCH_ROW, MIN_SLOTS))
         self.max_batch_size = min(max_batch_size, slots)
         self.kv = SlotCache(model.config, slots, self.context_length, model.dtype, _layer_devices(model))
         self._history = torch.zeros(slots, self.context_length, dtype=torch.long, device=self._input_device)
