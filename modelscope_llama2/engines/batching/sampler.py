@@ -102,10 +102,11 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampling], histories: Sequenc
     tokens = torch.empty(len(rows), dtype=torch.long, device=raw.device)
     greedy = [i for i, row in enumerate(rows) if row.greedy]
     drawn = [i for i, row in enumerate(rows) if not row.greedy]
+    # Whole-batch tensors when every row is of one kind: no copies of [rows, vocab] logits.
     if greedy:
-        tokens[greedy] = scores[greedy].argmax(dim=-1)
+        tokens[greedy] = (scores if len(greedy) == len(rows) else scores[greedy]).argmax(dim=-1)
     if drawn:
-        tokens[drawn] = _draw(scores[drawn], [rows[i] for i in drawn])
+        tokens[drawn] = _draw(scores if len(drawn) == len(rows) else scores[drawn], [rows[i] for i in drawn])
     ids = tokens.tolist()
     for row, token in zip(rows, ids):
         if row.constraint is not None:
@@ -162,14 +163,15 @@ def _draw(scores: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
     probs = torch.softmax(scores / temperature[:, None], dim=-1)
     candidates = probs.topk(min(NUCLEUS_CANDIDATES, vocab), dim=-1)
     keep = _kept_candidates(candidates.values, rows)
-    narrow = [i for i, row in enumerate(rows) if 0 < row.top_k <= keep.shape[1] or (
-        not keep[i, -1] and _top_p_over_all(row, vocab))]
+    cut_inside = (~keep[:, -1]).tolist()
+    narrow = [i for i, row in enumerate(rows)
+              if 0 < row.top_k <= keep.shape[1] or (cut_inside[i] and _top_p_over_all(row, vocab))]
     tokens = torch.empty(len(rows), dtype=torch.long, device=device)
     if narrow:
         values = candidates.values[narrow].masked_fill(~keep[narrow], 0.0)
         noise = _noise([rows[i] for i in narrow], values.shape[1], device)
         tokens[narrow] = candidates.indices[narrow].gather(1, (values / noise).argmax(dim=-1, keepdim=True))[:, 0]
-    wide = [i for i in range(len(rows)) if i not in set(narrow)]
+    wide = sorted(set(range(len(rows))) - set(narrow))
     if wide:
         truncated = _truncate(scores[wide] / temperature[wide, None], [rows[i] for i in wide])
         noise = _noise([rows[i] for i in wide], vocab, device)
