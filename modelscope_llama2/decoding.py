@@ -152,6 +152,17 @@ class TextDelta:
     logprobs: Tuple[TokenLogprob, ...] = ()
     prompt_logprobs: Optional[Tuple[Optional[TokenLogprob], ...]] = None
 
+    def then(self, later: "TextDelta") -> "TextDelta":
+        """This delta and the ``later`` one of the same request as one (for a consumer that fell behind).
+
+        Example:
+            >>> TextDelta("r", "West", (1,)).then(TextDelta("r", " Lake", (2,), "stop")).text
+            'West Lake'
+        """
+        return TextDelta(self.request_id, self.text + later.text, self.token_ids + later.token_ids,
+                         later.finish_reason, later.usage, self.logprobs + later.logprobs,
+                         self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs)
+
 
 def detokenizer_for(prompt: Prompt, tokenizer) -> StreamingDetokenizer:
     return StreamingDetokenizer(tokenizer, prompt.decode_prefix, prompt.sampling.stop)

@@ -83,3 +83,59 @@ def test_sampled_requests_are_seeded(engine, tokenizer):
 def test_unknown_options_are_refused(engine):
     with pytest.raises(ValueError, match="frequency_penalty"):
         engine.check_sampling(SamplingParams(max_new_tokens=1, options={"frequency_penalty": 0.5}))
+
+
+def sampled(tokenizer, text, max_new_tokens):
+    return Prompt(tuple(tokenizer.encode(text, bos=True)),
+                  SamplingParams(max_new_tokens=max_new_tokens, options={"do_sample": True}))
+
+
+def test_a_sampled_request_queued_behind_the_eager_engine_can_be_aborted(engine, tokenizer):
+    # Finding 11 of issue 19: abort() could not reach a request the fallback had not started.
+    received = []
+    done = threading.Event()
+
+    def on_event(event):
+        received.append(event)
+        if event.finished:
+            done.set()
+
+    with engine._fallback_lock:  # the eager engine busy with another sampled request
+        queued = sampled(tokenizer, "Hello", 50)
+        engine.submit(queued, on_event)
+        engine.abort(queued.request_id)
+    assert done.wait(30)
+    assert [(e.finish_reason, e.token_ids, e.usage.completion_tokens) for e in received] == [("abort", (), 0)]
+    assert not engine._fallback_requests and not engine.fallback._aborted
+
+
+def test_engine_failures_and_close_leave_nothing_behind(tiny_dir, tokenizer):
+    # Finding 14 of issue 19: a refused add_request leaked its stream and router entry; close() left
+    # consumers waiting (or waited for every running request to finish); a failed fallback ended as 'abort'.
+    engine = ContinuousBatchingEngine(AutoModelForCausalLM.from_pretrained(tiny_dir).eval())
+    try:
+        failing = sampled(tokenizer, "Hi", 4)
+        failing = Prompt((1, engine.model.config.vocab_size + 5), failing.sampling, request_id=failing.request_id)
+        with pytest.raises(RuntimeError, match=f"failed request {failing.request_id}"):
+            list(engine.generate([failing]))
+        long = Prompt(tuple(tokenizer.encode("Tabs and spaces", bos=True)),
+                      SamplingParams(max_new_tokens=4000, options=GREEDY))
+        events = engine.generate([long])
+        next(events)
+        threading.Timer(0.2, engine.close).start()
+        rest = list(events)  # ends: close() aborts what is still running
+        assert rest[-1].finish_reason == "abort" and rest[-1].usage.completion_tokens < 4000
+        with pytest.raises(RuntimeError, match="closed"):
+            engine.submit(long, lambda event: None)
+    finally:
+        engine.close()
+    engine = ContinuousBatchingEngine(AutoModelForCausalLM.from_pretrained(tiny_dir).eval())
+    try:
+        engine.manager.stop(block=True)  # the manager stops taking requests (as when its thread fails)
+        refused = Prompt(tuple(tokenizer.encode("Hi", bos=True)), SamplingParams(max_new_tokens=4, options=GREEDY))
+        with pytest.raises(RuntimeError, match="not accepting"):
+            engine.submit(refused, lambda event: None)
+        assert refused.request_id not in engine._streams
+        assert refused.request_id not in engine.manager.output_router.result_handlers
+    finally:
+        engine.close()

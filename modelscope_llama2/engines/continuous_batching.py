@@ -31,7 +31,6 @@ Example:
 """
 
 import logging
-import queue
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -41,7 +40,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from ..constants import BOS_ID, CONTEXT_LENGTH, EOS_ID, PAD_ID
 from ..prompts.prompt import Prompt, SamplingParams
-from .base import Engine, TokenEvent, Usage
+from .base import Engine, EventBuffer, TokenEvent, Usage
 from .transformers_engine import TransformersEngine
 
 logger = logging.getLogger(__name__)
@@ -71,7 +70,9 @@ class ContinuousBatchingEngine(Engine):
         self.sampling_options = self.fallback.sampling_options
         self._fallback_lock = threading.Lock()  # the fallback's prefix cache serves one request at a time
         self._streams: Dict[str, "_Stream"] = {}
-        self._lock = threading.Lock()
+        # Sampled requests waiting for or running on the fallback, and the flag that aborts them before they run.
+        self._fallback_requests: Dict[str, threading.Event] = {}
+        self._lock = threading.Lock()  # guards _streams, _fallback_requests and _closed
         self._closed = False
         self.manager = model.init_continuous_batching(
             generation_config=GenerationConfig(do_sample=False, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
@@ -88,17 +89,16 @@ class ContinuousBatchingEngine(Engine):
     def submit(self, prompt: Prompt, on_event: Callable[[TokenEvent], None]) -> None:
         """Start generating for ``prompt``; ``on_event`` gets its events, from a background thread.
 
-        The last event has ``finish_reason``; none follows it. ``on_event``
-        must return quickly (it runs on the thread that drives the model).
+        The last event has ``finish_reason`` (``'error'`` if the engine failed
+        it, ``'abort'`` if it was aborted or the engine closed); none follows it.
+        ``on_event`` must return quickly (it runs on the thread that drives the model).
         """
-        if self._closed:
-            raise RuntimeError("the continuous batching engine is closed")
         if not prompt.sampling.greedy or prompt.sampling.seed is not None:
-            threading.Thread(target=self._run_fallback, args=(prompt, on_event), daemon=True,
-                             name="fallback-generate").start()
+            self._submit_fallback(prompt, on_event)
             return
         stream = _Stream(prompt, on_event, self._forget)
         with self._lock:
+            self._check_open()
             if prompt.request_id in self._streams:
                 raise ValueError(f"request_id {prompt.request_id!r} is already generating")
             self._streams[prompt.request_id] = stream
@@ -107,12 +107,18 @@ class ContinuousBatchingEngine(Engine):
             # The manager's own routing hook (what register_result_handler fills for an
             # asyncio loop); an inline "loop" delivers on the manager's thread, no hop.
             router.result_handlers[prompt.request_id] = (stream.on_output, _INLINE)
-        self.manager.add_request(list(prompt.token_ids), request_id=prompt.request_id,
-                                 max_new_tokens=prompt.sampling.max_new_tokens, streaming=True)
+        try:
+            accepted = self.manager.add_request(list(prompt.token_ids), request_id=prompt.request_id,
+                                                max_new_tokens=prompt.sampling.max_new_tokens, streaming=True)
+            if accepted is None:  # the manager drops requests once it stops (or its thread failed)
+                raise RuntimeError("the continuous batching manager is not accepting requests (stopped or failed)")
+        except BaseException:
+            self._forget(prompt.request_id)  # nothing of the request may stay behind
+            raise
 
     def generate(self, prompts: Sequence[Prompt]) -> Iterator[TokenEvent]:
         prompts = list(prompts)
-        events: "queue.Queue[TokenEvent]" = queue.Queue()
+        events = EventBuffer()
         unfinished = {p.request_id for p in prompts}
         try:
             for prompt in prompts:
@@ -121,6 +127,8 @@ class ContinuousBatchingEngine(Engine):
                 event = events.get()
                 if event.finished:
                     unfinished.discard(event.request_id)
+                if event.finish_reason == "error":
+                    raise RuntimeError(f"the {self.name} engine failed request {event.request_id} (see the log)")
                 yield event
         finally:
             for request_id in unfinished:  # the consumer left early
@@ -129,6 +137,9 @@ class ContinuousBatchingEngine(Engine):
     def abort(self, request_id: str) -> None:
         with self._lock:
             stream = self._streams.get(request_id)
+            fallback = self._fallback_requests.get(request_id)
+        if fallback is not None:
+            fallback.set()  # if it still waits for the fallback, it will not run
         if stream is None:
             self.fallback.abort(request_id)
             return
@@ -136,12 +147,25 @@ class ContinuousBatchingEngine(Engine):
         stream.abort()  # a cancelled request gets no output from the manager
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Stop the manager; every request still running or queued ends with ``'abort'``."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            streams, fallback = list(self._streams.values()), dict(self._fallback_requests)
+        for request_id, flag in fallback.items():
+            flag.set()
+            self.fallback.abort(request_id)
+        for stream in streams:  # aborted first: stopping would otherwise wait for them to finish
+            self.manager.cancel_request(stream.prompt.request_id)
+            stream.abort()
         self.manager.stop(block=True, timeout=30)
         self.model.destroy_cached_continuous_batching_manager()
         self.fallback.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the continuous batching engine is closed")
 
     def _forget(self, request_id: str) -> None:
         with self._lock:
@@ -175,17 +199,44 @@ class ContinuousBatchingEngine(Engine):
 
         cache.search_prefix_match = search_and_count
 
-    def _run_fallback(self, prompt: Prompt, on_event: Callable[[TokenEvent], None]) -> None:
-        """Sampled or seeded requests: the eager engine, one at a time, its events passed on."""
-        finished = False
+    def _submit_fallback(self, prompt: Prompt, on_event: Callable[[TokenEvent], None]) -> None:
+        aborted = threading.Event()
+        with self._lock:
+            self._check_open()
+            self._fallback_requests[prompt.request_id] = aborted
+        threading.Thread(target=self._run_fallback, args=(prompt, on_event, aborted), daemon=True,
+                         name="fallback-generate").start()
+
+    def _run_fallback(self, prompt: Prompt, on_event: Callable[[TokenEvent], None], aborted: threading.Event) -> None:
+        """Sampled or seeded requests: the eager engine, one at a time, its events passed on.
+
+        Until it ends the request is in ``_fallback_requests``, where
+        :meth:`abort` (a client that left) and :meth:`close` find it even
+        while it waits for its turn: it then never runs.
+        """
+        reason = "abort"
         try:
             with self._fallback_lock:
-                for event in self.fallback.generate([prompt]):
-                    finished = event.finished
-                    on_event(event)
+                if aborted.is_set():
+                    return
+                events = self.fallback.generate([prompt])  # registers the id: abort() reaches it from now on
+                if aborted.is_set():  # an abort that came between the check and the registration
+                    self.fallback.abort(prompt.request_id)
+                try:
+                    for event in events:
+                        if event.finished:
+                            reason = None
+                        on_event(event)
+                finally:
+                    events.close()
+        except Exception:
+            logger.exception("the fallback engine failed request %s", prompt.request_id)
+            reason = "error"
         finally:
-            if not finished:  # failed: the consumer still gets a last event
-                on_event(TokenEvent(prompt.request_id, (), "abort", Usage(len(prompt.token_ids), 0)))
+            with self._lock:
+                self._fallback_requests.pop(prompt.request_id, None)
+            if reason is not None:  # aborted before it ran, or failed: the consumer still gets a last event
+                on_event(TokenEvent(prompt.request_id, (), reason, Usage(len(prompt.token_ids), 0)))
 
 
 class _Inline:
@@ -214,7 +265,7 @@ class _Stream:
                 return
             if output.error is not None:
                 logger.error("continuous batching failed for request %s: %s", self.prompt.request_id, output.error)
-                event = self._finish((), "abort")
+                event = self._finish((), "error")
             else:
                 event = self._event(list(output.generated_tokens), output.is_finished())
         if event is not None:
