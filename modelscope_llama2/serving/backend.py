@@ -1,6 +1,6 @@
 """What the HTTP app generates through: a :class:`Backend`, local or remote.
 
-The OpenAI app (:mod:`modelscope_llama2.serving.openai`) builds Meta-exact
+The OpenAI app (:mod:`modelscope_llama2.serving.app`) builds Meta-exact
 prompts itself (it holds the tokenizer and the context length) and hands
 each :class:`~modelscope_llama2.prompts.prompt.Prompt` to a backend, which
 streams :class:`~modelscope_llama2.decoding.TextDelta` items back. The
@@ -71,7 +71,7 @@ class LocalBackend(Backend):
     """An :class:`Engine` in this process.
 
     An engine that pushes its events (a ``submit(prompt, on_event)`` method,
-    as :class:`~modelscope_llama2.engines.continuous_batching.ContinuousBatchingEngine`
+    as :class:`~modelscope_llama2.engines.batching.BatchingEngine`
     has) is handed a callback; any other engine's blocking ``generate()``
     runs in a worker thread per request (at most ``max_workers`` at once).
     Either way the text is decoded and stop strings matched on that thread,
