@@ -5,6 +5,7 @@ Example:
     'ChatHandler'
 """
 
+import asyncio
 import time
 from typing import Any, AsyncIterator, List
 
@@ -24,8 +25,9 @@ class ChatHandler(Handler):
     async def create(self, body: ChatCompletionRequest, request: Request) -> Any:
         self.builder.check_model(body.model)
         dialog = [{"role": message.role, "content": message.text()} for message in body.messages]
-        prompts = self.builder.chat(body, dialog, body.max_completion_tokens or body.max_tokens, body.n,
-                                    truncate=body.truncation == "auto")
+        # Off the event loop: a huge request's prompt takes a while to fit and encode.
+        prompts = await asyncio.to_thread(self.builder.chat, body, dialog, body.max_completion_tokens or body.max_tokens,
+                                          body.n, truncate=body.truncation == "auto")
 
         def build(response_id: str, choices: List[Choice]) -> ChatCompletionResponse:
             return ChatCompletionResponse(
