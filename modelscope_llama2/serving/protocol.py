@@ -8,7 +8,7 @@ silent difference.
 
 Example:
     >>> request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
-    >>> request.messages[0].text(), request.max_tokens
+    >>> request.messages[0].content, request.max_tokens
     ('Hi', 8)
     >>> ErrorResponse.of("bad", param="n").model_dump()["error"]["param"]
     'n'
@@ -83,20 +83,29 @@ class _Sampling(_Request):
 # -- chat -----------------------------------------------------------------
 
 
-class TextPart(_Request):
-    type: Literal["text"]
-    text: str
+# Per-message keys that carry no meaning for generation: clients send them as
+# bookkeeping (Gradio's ``metadata``/``options``, a speaker ``name``, a UI's
+# ``id``); accepted and ignored. Meta's format has no place for ``name``.
+IGNORED_MESSAGE_KEYS = ("name", "metadata", "options", "id")
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content. Any ``type`` parses; text is the only kind the model takes (checked
+    where the request becomes a prompt, so the error names the part)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: Optional[str] = None
 
 
 class ChatMessage(_Request):
     role: str
-    content: Union[str, List[TextPart]]
-
-    def text(self) -> str:
-        """The content as one string (text parts joined, as OpenAI does)."""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
+    # None: an assistant turn without text (OpenAI sends it with tool calls).
+    content: Union[str, List[ContentPart], None]
+    name: Optional[str] = None
+    metadata: Optional[Any] = None
+    options: Optional[Any] = None
+    id: Optional[Any] = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -128,6 +137,8 @@ class ChatCompletionResponse(BaseModel):
     choices: List[ChatChoice]
     usage: UsageInfo
     prompt_token_ids: Optional[List[int]] = None
+    # Extension: with truncation "auto", how many of the oldest rounds were left out of the prompt.
+    dropped_rounds: Optional[int] = None
 
 
 class Delta(BaseModel):
@@ -151,6 +162,7 @@ class ChatCompletionChunk(BaseModel):
     choices: List[ChatChunkChoice]
     usage: Optional[UsageInfo] = None
     prompt_token_ids: Optional[List[int]] = None
+    dropped_rounds: Optional[int] = None  # in the first chunk, as in ChatCompletionResponse
 
 
 # -- completions ----------------------------------------------------------

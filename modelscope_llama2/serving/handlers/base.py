@@ -16,7 +16,7 @@ import json
 import logging
 import uuid
 from dataclasses import replace
-from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -101,6 +101,54 @@ def too_long(prompt_tokens: int, max_tokens: Optional[int], budget: int, context
                          "all. Please reduce the length of the messages or max_tokens"
                          + (", or send \"truncation\": \"auto\" to drop the oldest rounds." if param == "messages"
                             else "."), param=param, code="context_length_exceeded")
+
+
+# Content part types that carry text: chat's ``text``, the Responses API's ``input_text``/``output_text``.
+TEXT_PARTS = ("text", "input_text", "output_text")
+# OpenAI's newer name for the system role.
+ROLE_ALIASES = {"developer": "system"}
+
+
+def dialog_of(messages: Sequence[Any], where: str = "messages") -> List[Dict[str, str]]:
+    """Client messages (``role``, ``content``) to a dialog of ``{role, content}`` strings: the one tolerant rule.
+
+    ``developer`` is the system role; an assistant's ``content: null`` is an
+    empty answer; text parts are joined; any other part (an image, audio, a
+    file) is a 400 naming it, as the model takes text only. Keys without
+    meaning for generation (``name``, ...) never reach the dialog.
+
+    Example:
+        >>> from types import SimpleNamespace as M
+        >>> dialog_of([M(role="developer", content="Be brief."), M(role="user", content=[{"type": "text", "text": "Hi"}]),
+        ...            M(role="assistant", content=None), M(role="user", content="Again")])
+        ... # doctest: +NORMALIZE_WHITESPACE
+        [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'},
+         {'role': 'assistant', 'content': ''}, {'role': 'user', 'content': 'Again'}]
+    """
+    dialog = []
+    for index, message in enumerate(messages):
+        role = ROLE_ALIASES.get(message.role, message.role)
+        dialog.append({"role": role, "content": _text(message.content, role, f"{where}.{index}.content")})
+    return dialog
+
+
+def _text(content: Any, role: str, where: str) -> str:
+    if content is None:
+        if role == "assistant":
+            return ""
+        raise APIError(400, f"{where}: a {role} message needs content", param=where)
+    if isinstance(content, str):
+        return content
+    texts = []
+    for index, part in enumerate(content):
+        kind, text = (part.get("type"), part.get("text")) if isinstance(part, dict) else (part.type, part.text)
+        if kind not in TEXT_PARTS:
+            raise APIError(400, f"{where}.{index}: this model takes text only; a {kind!r} part cannot be read",
+                           param=f"{where}.{index}")
+        if not isinstance(text, str):
+            raise APIError(400, f"{where}.{index}.text: a {kind!r} part needs its text", param=f"{where}.{index}.text")
+        texts.append(text)
+    return "".join(texts)
 
 
 class RequestBuilder:
