@@ -22,7 +22,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from ...decoding import TextDelta
-from ...prompts.chat_format import PromptTooLong
+from ...prompts.chat_format import PromptTooLong, encode_dialog
 from ...prompts.prompt import Prompt, SamplingParams, new_request_id
 from ...prompts.requests import chat_prompt, parse_chat_inputs
 from ..backend import Backend
@@ -143,10 +143,10 @@ def _text(content: Any, role: str, where: str) -> str:
     for index, part in enumerate(content):
         kind, text = (part.get("type"), part.get("text")) if isinstance(part, dict) else (part.type, part.text)
         if kind not in TEXT_PARTS:
-            raise APIError(400, f"{where}.{index}: this model takes text only; a {kind!r} part cannot be read",
+            raise APIError(400, f"{where}.{index}: this model takes text only, not a part of type {kind!r}",
                            param=f"{where}.{index}")
         if not isinstance(text, str):
-            raise APIError(400, f"{where}.{index}.text: a {kind!r} part needs its text", param=f"{where}.{index}.text")
+            raise APIError(400, f"{where}.{index}.text: a part of type {kind!r} needs its text", param=f"{where}.{index}.text")
         texts.append(text)
     return "".join(texts)
 
@@ -185,6 +185,15 @@ class RequestBuilder:
         sampling = self.sampling(request, prompt.sampling.max_new_tokens)
         return [replace(prompt, sampling=self.seeded(sampling, i), request_id=new_request_id()) for i in range(n)]
 
+    def chat_ids(self, dialog: List[Dict[str, str]]) -> List[int]:
+        """The Meta-exact ids of a whole dialog (no context budget): what ``/tokenize`` answers."""
+        try:
+            chat = parse_chat_inputs({"messages": dialog})
+        except (TypeError, ValueError) as error:
+            raise APIError(400, str(error), param="messages") from None
+        tokenizer = self.tokenizer
+        return encode_dialog(chat.dialog, tokenizer.sp_model.encode, tokenizer.bos_token_id, tokenizer.eos_token_id)
+
     def sampling(self, request: Any, max_new_tokens: int) -> SamplingParams:
         """``request``'s sampling, each option checked against the engine (400 naming the first it lacks)."""
         sampling = SamplingParams(max_new_tokens=max_new_tokens, stop=stops(getattr(request, "stop", None)),
@@ -206,15 +215,32 @@ class RequestBuilder:
         return replace(sampling, seed=sampling.seed + choice)
 
 
-def sse(payload: Any) -> str:
-    """One server-sent event: a pydantic model (``None`` fields left out), a dict, or a plain string."""
+def vocabulary_checked(ids: Sequence[int], vocab_size: int, param: str) -> List[int]:
+    """``ids`` as a list, each checked to be in the vocabulary (400 naming the first that is not).
+
+    Example:
+        >>> vocabulary_checked([1, 31999], 32000, "tokens")
+        [1, 31999]
+    """
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})",
+                       param=param)
+    return list(ids)
+
+
+def sse(payload: Any, event: Optional[str] = None) -> str:
+    """One server-sent event: a pydantic model (``None`` fields left out), a dict, or a plain string.
+
+    ``event`` names it on an ``event:`` line, as the Responses API's stream does.
+    """
     if isinstance(payload, str):
         data = payload
     elif isinstance(payload, dict):
         data = json.dumps(payload)
     else:
         data = payload.model_dump_json(exclude_none=True)
-    return f"data: {data}\n\n"
+    return (f"event: {event}\n" if event else "") + f"data: {data}\n\n"
 
 
 Deltas = AsyncIterator[Tuple[int, TextDelta]]
