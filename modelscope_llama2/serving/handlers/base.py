@@ -167,12 +167,13 @@ class RequestBuilder:
                                 f"`{self.config.served_model_name}`.", param="model", code="model_not_found")
 
     def chat(self, request: Any, dialog: List[Dict[str, str]], max_tokens: Optional[int], n: int = 1,
-             truncate: bool = False) -> List[Prompt]:
+             truncate: bool = False, max_tokens_param: str = "max_tokens") -> List[Prompt]:
         """``n`` prompts for a dialog of ``{role, content}`` messages, with ``request``'s sampling."""
         refuse_unsupported(request)
         if max_tokens is not None and max_tokens >= self.context:
-            raise APIError(400, f"max_tokens: {max_tokens} leaves no room for a prompt in this model's context of "
-                                f"{self.context} tokens", param="max_tokens", code="context_length_exceeded")
+            raise APIError(400, f"{max_tokens_param}: {max_tokens} leaves no room for a prompt in this model's "
+                                f"context of {self.context} tokens", param=max_tokens_param,
+                           code="context_length_exceeded")
         inputs: Dict[str, Any] = {"messages": dialog}
         if max_tokens is not None:
             inputs["max_new_tokens"] = max_tokens

@@ -104,7 +104,7 @@ class ResponsesHandler(Handler):
         conversation = (*earlier, *dialog_of(input_messages(body), "input"))
         system = ({"role": "system", "content": body.instructions},) if body.instructions else ()
         prompts = self.builder.chat(body, [*system, *conversation], body.max_output_tokens,
-                                    truncate=body.truncation == "auto")
+                                    truncate=body.truncation == "auto", max_tokens_param="max_output_tokens")
         response_id, item_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
         deltas = self.generation.run(prompts)
         if body.stream:
