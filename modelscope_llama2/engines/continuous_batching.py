@@ -14,7 +14,8 @@ blocking iterator every engine has, built on it.
 The manager samples with one generation config for all requests and one
 global random generator, so it serves greedy requests (``do_sample``
 explicitly ``False``; bit-for-bit what ``generate()`` gives); the rest
-(sampled, seeded, or leaving it to the checkpoint's defaults) go to ``fallback`` (by
+(sampled, seeded, leaving it to the checkpoint's defaults, or constrained to a
+grammar: the manager takes no logits mask) go to ``fallback`` (by
 default a :class:`~.transformers_engine.TransformersEngine` on the same
 model, one request at a time).
 
@@ -93,7 +94,7 @@ class ContinuousBatchingEngine(Engine):
         """
         if self._closed:
             raise RuntimeError("the continuous batching engine is closed")
-        if not prompt.sampling.greedy or prompt.sampling.seed is not None:
+        if not prompt.sampling.greedy or prompt.sampling.seed is not None or prompt.sampling.structured:
             threading.Thread(target=self._run_fallback, args=(prompt, on_event), daemon=True,
                              name="fallback-generate").start()
             return
@@ -109,6 +110,9 @@ class ContinuousBatchingEngine(Engine):
             router.result_handlers[prompt.request_id] = (stream.on_output, _INLINE)
         self.manager.add_request(list(prompt.token_ids), request_id=prompt.request_id,
                                  max_new_tokens=prompt.sampling.max_new_tokens, streaming=True)
+
+    def check_sampling(self, sampling: SamplingParams, where: str = "inputs") -> None:
+        self.fallback.check_sampling(sampling, where)  # what the fallback cannot run, nothing here can
 
     def generate(self, prompts: Sequence[Prompt]) -> Iterator[TokenEvent]:
         prompts = list(prompts)

@@ -24,7 +24,8 @@ from transformers import GenerationConfig
 from ..constants import CONTEXT_LENGTH
 from .chat_format import (Dialog, Message, PromptTooLong, check_dialog, dialog_from_history, encode_dialog,
                           fit_dialog)
-from .prompt import Prompt, SamplingParams
+from .prompt import Prompt, SamplingParams, StructuredOutput
+from .structured import parse_response_format
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ RESPONSE_RESERVE = 256
 # transformers generation setting (max_new_tokens, temperature, top_p, ...).
 CHAT_KEYS = {"text", "system", "history", "messages", "allow_special_tags"}
 COMPLETION_KEYS = {"text", "echo"}
-SPEC_KEYS = {"max_length", "max_new_tokens", "stop", "seed"}
+SPEC_KEYS = {"max_length", "max_new_tokens", "stop", "seed", "response_format"}
 _INT_KEYS = {"max_length": 1, "max_new_tokens": 1, "min_new_tokens": 0, "top_k": 0, "seed": 0}
 _GENERATION_DEFAULTS = GenerationConfig()
 # Settings that would change what generate() returns or how, which the chat
@@ -55,6 +56,8 @@ class GenerationSpec:
     stop: Tuple[str, ...] = ()
     seed: Optional[int] = None
     generate_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # Constrained decoding (response_format): the answer follows this grammar.
+    structured: Optional[StructuredOutput] = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,7 @@ def _sampling(spec: "GenerationSpec", limit: int, prompt_len: int) -> SamplingPa
         stop=spec.stop,
         seed=spec.seed,
         options=dict(spec.generate_kwargs),
+        structured=spec.structured,
     )
 
 
@@ -206,6 +210,7 @@ def _parse_spec(inputs: Mapping[str, Any], own_keys: set, where: str) -> Generat
         stop=_parse_stop(inputs.get("stop"), f"{where}['stop']"),
         seed=inputs.get("seed"),
         generate_kwargs=generate_kwargs,
+        structured=parse_response_format(inputs.get("response_format"), f"{where}['response_format']"),
     )
 
 
