@@ -9,11 +9,14 @@ chosen. JSON is compact (no whitespace between tokens: a small model cannot
 loop on blanks) and the grammar only allows EOS once the value is complete,
 so an answer ends ``eos`` when valid and ``length`` when cut.
 
-Engines use it two ways:
+Engines use it three ways:
 
 * the transformers engine hands :class:`GrammarLogitsProcessor` (one
   grammar per batch row, ``None`` for a free row) to ``generate()``;
-* an engine that owns its step loop (continuous batching) calls the per-row
+* the batching engine sets :class:`RequestGrammar` as a row's constraint and
+  calls :meth:`RequestGrammar.fill_mask` on that row's scores, then
+  :meth:`RequestGrammar.accept`;
+* an engine that owns a batched step loop calls the per-row
   API itself: :func:`allocate_token_bitmask`, :meth:`RequestGrammar.fill_bitmask`
   for each constrained row (while the forward pass runs, if it likes),
   :func:`apply_token_bitmask` on the logits before sampling, then
@@ -177,6 +180,19 @@ class RequestGrammar:
         self._matcher = matcher
         self.vocab_size = vocab_size
         self.finished = False
+        self._own_bitmask: Optional[torch.Tensor] = None
+
+    def fill_mask(self, scores: torch.Tensor) -> None:
+        """Set the disallowed tokens of one row's ``scores`` (1-D, in place) to ``-inf``; nothing once finished.
+
+        The batching engine's per-row hook (``RowSampling.constraint``).
+        """
+        if self.finished:
+            return
+        if self._own_bitmask is None:
+            self._own_bitmask = allocate_token_bitmask(1, self.vocab_size)
+        self.fill_bitmask(self._own_bitmask, 0)
+        apply_token_bitmask(scores.unsqueeze(0), self._own_bitmask)
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the tokens allowed next into ``bitmask[row]`` (see :func:`allocate_token_bitmask`)."""
@@ -244,6 +260,16 @@ class GrammarLogitsProcessor(LogitsProcessor):
 
     def _constrained_rows(self) -> List[int]:
         return [i for i, grammar in enumerate(self.grammars) if grammar is not None and not grammar.finished]
+
+
+def grammar_compiler(model: Any, vocab_file: Optional[str] = None) -> GrammarCompiler:
+    """The :class:`GrammarCompiler` of a loaded model: its ``tokenizer.model`` (``vocab_file`` or the one
+    beside its weights) and its vocabulary size."""
+    vocab_file = vocab_file or vocab_file_of(model)
+    if vocab_file is None:
+        raise ValueError("response_format: structured output needs the checkpoint's tokenizer.model beside "
+                         "the model's weights")
+    return compiler_for_vocab(vocab_file, model.config.vocab_size)
 
 
 def vocab_file_of(model: Any) -> Optional[str]:

@@ -80,13 +80,9 @@ class TransformersEngine(Engine):
 
     def _grammar_compiler(self) -> Any:
         # Imported here: xgrammar is only needed by requests that ask for structured output.
-        from .structured import compiler_for_vocab, vocab_file_of
+        from .structured import grammar_compiler
 
-        vocab_file = self.vocab_file or vocab_file_of(self.model)
-        if vocab_file is None:
-            raise ValueError("response_format: structured output needs the checkpoint's tokenizer.model; "
-                             "pass vocab_file= to TransformersEngine")
-        return compiler_for_vocab(vocab_file, self.model.config.vocab_size)
+        return grammar_compiler(self.model, self.vocab_file)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
