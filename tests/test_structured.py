@@ -110,3 +110,25 @@ def test_grammars_compile_once_per_spec(tiny_model, tiny_dir):
     structured = StructuredOutput("json_schema", json.dumps(SCHEMAS["enum"]))
     assert compiler.compile(structured) is compiler.compile(structured)
     assert compiler_for_vocab(f"{tiny_dir}/tokenizer.model", tiny_model.config.vocab_size) is compiler
+
+
+def test_the_batching_engine_gives_the_eager_engine_s_greedy_json(tiny_model, tiny_dir, tokenizer):
+    from modelscope_llama2.engines.factory import load_engine
+
+    inputs = [{"text": f"Answer as JSON ({name}).", "response_format": _format(schema), "do_sample": False,
+               "max_new_tokens": 48} for name, schema in sorted(SCHEMAS.items())]
+    prompts = tiny_model.prepare_chat(inputs, tokenizer)
+    eager = [tiny_model.generate_prepared(prompt) for prompt in prompts]
+    engine = load_engine(tiny_dir, max_batch_size=4)
+    try:
+        tokens = {p.request_id: [] for p in prompts}
+        finish = {}
+        for event in engine.generate(prompts):  # all at once: constrained rows batched together
+            tokens[event.request_id] += event.token_ids
+            if event.finished:
+                finish[event.request_id] = event.finish_reason
+    finally:
+        engine.close()
+    assert [tuple(tokens[p.request_id]) for p in prompts] == [g.token_ids for g in eager]
+    assert [finish[p.request_id] for p in prompts] == [g.finish_reason for g in eager]
+    assert sum(g.finish_reason == "eos" for g in eager) >= 5
