@@ -37,8 +37,8 @@ from .decoding import decode_stream
 from .engines.base import Engine, Usage
 from .engines.prefix_cache import DEFAULT_MAX_BYTES, PromptCache
 from .engines.transformers_engine import TransformersEngine
+from .prompts.chat_format import answer_text
 from .prompts.prompt import Prompt
-from .prompts.tools import parse_tool_output
 from .prompts.requests import (
     chat_prompt,
     completion_prompt,
@@ -46,6 +46,7 @@ from .prompts.requests import (
     parse_chat_inputs,
     parse_completion_inputs,
 )
+from .prompts.tools import parse_tool_output
 from .tokenizer import Llama2Tokenizer, sentencepiece_tokenizer
 
 Inputs = Union[Dict[str, Any], Sequence[Dict[str, Any]]]
@@ -242,7 +243,7 @@ def shape_result(prompt: Prompt, text: str, finish_reason: Optional[str], usage:
     if prompt.kind == "completion":
         return CompletionResult(text=prompt.message + text if prompt.echo else text, finish_reason=finish_reason,
                                 usage=usage_dict)
-    response = text.strip()
+    response = answer_text(text)
     if prompt.tools is not None:
         return _tool_result(prompt, response, finish_reason, usage_dict)
     return ChatResult(response=response, history=[*prompt.history, (prompt.message, response)],
