@@ -31,12 +31,12 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..constants import CONTEXT_LENGTH, EOS_ID, PAD_ID
-from ..prompts.prompt import Prompt
+from ..prompts.prompt import Prompt, SamplingParams
 from ..prompts.requests import RESERVED_GENERATION_KEYS
 from .base import Engine, TokenEvent, Usage
 from .prefix_cache import PromptCache
@@ -56,18 +56,33 @@ class TransformersEngine(Engine):
     """Eager generation on a transformers ``LlamaForCausalLM`` (or this package's ``Llama2ForChat``).
 
     ``prefix_cache``: where KV caches of recent generations are kept for the
-    next turn (default: a new :class:`PromptCache`).
+    next turn (default: a new :class:`PromptCache`). ``vocab_file``: the
+    checkpoint's ``tokenizer.model``, which structured outputs compile their
+    grammars against (default: the one beside the model's weights).
     """
 
     name = "transformers"
     sampling_options = TRANSFORMERS_OPTIONS
 
-    def __init__(self, model: Any, prefix_cache: Optional[PromptCache] = None):
+    def __init__(self, model: Any, prefix_cache: Optional[PromptCache] = None, vocab_file: Optional[str] = None):
         self.model = model
         self.prefix_cache = prefix_cache if prefix_cache is not None else PromptCache()
         self.context_length = getattr(model.config, "max_position_embeddings", CONTEXT_LENGTH)
+        self.vocab_file = vocab_file
         self._aborted: Dict[str, threading.Event] = {}
         self._lock = threading.Lock()
+
+    def check_sampling(self, sampling: SamplingParams, where: str = "inputs") -> None:
+        """Also compile a structured output's grammar (cached), so a bad schema fails before any model work."""
+        super().check_sampling(sampling, where)
+        if sampling.structured is not None:
+            self._grammar_compiler().compile(sampling.structured, f"{where}['response_format']")
+
+    def _grammar_compiler(self) -> Any:
+        # Imported here: xgrammar is only needed by requests that ask for structured output.
+        from .structured import grammar_compiler
+
+        return grammar_compiler(self.model, self.vocab_file)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -140,6 +155,7 @@ class TransformersEngine(Engine):
         with torch.inference_mode(), seeded(sampling.seed, input_ids.device):
             out = self.model.generate(
                 input_ids,
+                logits_processor=self._grammar_processors(rows),
                 attention_mask=attention_mask if attention_mask is not None else torch.ones_like(input_ids),
                 max_new_tokens=max(row.prompt.sampling.max_new_tokens for row in rows),
                 max_length=None,  # max_new_tokens rules; silences generate()'s warning about both
@@ -151,6 +167,17 @@ class TransformersEngine(Engine):
                 **sampling.options,
             )
         return out.sequences[:, input_ids.shape[1]:], out.get(CACHE_KEY)
+
+    def _grammar_processors(self, rows: List["_Row"]) -> LogitsProcessorList:
+        """One grammar per constrained row, as a logits processor; none when no row is constrained."""
+        specs = [row.prompt.sampling.structured for row in rows]
+        if not any(specs):
+            return LogitsProcessorList()
+        from .structured import GrammarLogitsProcessor
+
+        compiler = self._grammar_compiler()
+        grammars = [compiler.request_grammar(spec) if spec is not None else None for spec in specs]
+        return LogitsProcessorList([GrammarLogitsProcessor(grammars, compiler.vocab_size)])
 
     def _input_device(self) -> torch.device:
         # With a device_map the embedding may sit anywhere; inputs go where it is.

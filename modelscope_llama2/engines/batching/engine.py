@@ -35,7 +35,6 @@ Example:
 
 import inspect
 import logging
-import queue
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -43,7 +42,7 @@ import torch
 
 from ...constants import BOS_ID, CONTEXT_LENGTH, EOS_ID
 from ...prompts.prompt import Prompt, SamplingParams
-from ..base import Engine, TokenEvent, TokenLogprob, Usage
+from ..base import Engine, EventBuffer, TokenEvent, TokenLogprob, Usage
 from ..transformers_engine import check_token_ids
 from .kv import SlotCache, bytes_per_token
 from .sampler import CHECKPOINT_DEFAULTS, ROW_OPTIONS, RowSampling, row_sampling, sample
@@ -109,11 +108,16 @@ class BatchingEngine(Engine):
 
     def check_sampling(self, sampling: SamplingParams, where: str = "inputs") -> None:
         super().check_sampling(sampling, where)
-        if sampling.structured is not None:
-            # TODO(structured engineer): engines/structured.py gives a matcher; RowSampling.constraint takes it.
-            raise ValueError(f"{where}['structured']: not supported by the {self.name} engine yet")
+        if sampling.structured is not None:  # compiled now (cached), so a bad schema fails before any model work
+            self._grammars().compile(sampling.structured, f"{where}['response_format']")
         if sampling.prompt_logprobs is not None:
             raise ValueError(f"{where}['prompt_logprobs']: not supported by the {self.name} engine yet")
+
+    def _grammars(self) -> Any:
+        # Imported here: xgrammar is only needed by requests that ask for structured output.
+        from ..structured import grammar_compiler
+
+        return grammar_compiler(self.model)
 
     def submit(self, prompt: Prompt, on_event: Callable[[TokenEvent], None]) -> None:
         """Start generating for ``prompt``; ``on_event`` gets its events, from the engine's thread.
@@ -127,7 +131,10 @@ class BatchingEngine(Engine):
         if len(prompt.token_ids) >= self.context_length:
             raise ValueError(f"token_ids: {len(prompt.token_ids)} prompt tokens leave no room to generate in "
                              f"the {self.context_length}-token context")
-        request = _Request(prompt, on_event, row_sampling(prompt.sampling, self._defaults, self._logits_device()))
+        row = row_sampling(prompt.sampling, self._defaults, self._logits_device())
+        if prompt.sampling.structured is not None:
+            row.constraint = self._grammars().request_grammar(prompt.sampling.structured)
+        request = _Request(prompt, on_event, row)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batching engine is closed")
@@ -139,7 +146,7 @@ class BatchingEngine(Engine):
 
     def generate(self, prompts: Sequence[Prompt]) -> Iterator[TokenEvent]:
         prompts = list(prompts)
-        events: "queue.Queue[TokenEvent]" = queue.Queue()
+        events = EventBuffer()  # one pending event per request: a slow consumer never grows a queue
         submitted: List[str] = []
         try:
             for prompt in prompts:  # all checked and queued now: bad input fails on the call
@@ -177,12 +184,14 @@ class BatchingEngine(Engine):
 
     # -- the step loop (engine thread only) --------------------------------------
 
-    def _events(self, events: "queue.Queue[TokenEvent]", unfinished: set) -> Iterator[TokenEvent]:
+    def _events(self, events: EventBuffer, unfinished: set) -> Iterator[TokenEvent]:
         try:
             while unfinished:
                 event = events.get()
                 if event.finished:
                     unfinished.discard(event.request_id)
+                if event.finish_reason == "error":
+                    raise RuntimeError(f"the {self.name} engine failed request {event.request_id} (see the log)")
                 yield event
         finally:
             for request_id in unfinished:  # the consumer left early
@@ -203,9 +212,9 @@ class BatchingEngine(Engine):
                 with torch.inference_mode():
                     self._step()
             except Exception:  # a failed forward ends the requests in it, not the engine
-                logger.exception("batching step failed; aborting %d requests", len(self._running))
+                logger.exception("batching step failed; failing %d requests", len(self._running))
                 for request in self._running:
-                    request.finish("abort")
+                    request.finish("error")
             self._retire_finished()
 
     def _retire_finished(self) -> None:
