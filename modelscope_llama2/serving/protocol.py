@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..constants import MAX_SEED
+
 # -- shared ---------------------------------------------------------------
 
 
@@ -70,7 +72,7 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, List[str]]] = None
-    seed: Optional[int] = Field(default=None, ge=0)
+    seed: Optional[int] = Field(default=None, ge=0, le=MAX_SEED)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     logprobs: Optional[Any] = None
@@ -78,6 +80,8 @@ class _Sampling(_Request):
     user: Optional[str] = None
     # vLLM's extension: return the prompt's and each choice's token ids.
     return_token_ids: bool = False
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}: checked in prompts/structured.py.
+    response_format: Optional[Dict[str, Any]] = None
 
 
 # -- chat -----------------------------------------------------------------
@@ -106,6 +110,9 @@ class ChatMessage(_Request):
     metadata: Optional[Any] = None
     options: Optional[Any] = None
     id: Optional[Any] = None
+    # An assistant's earlier tool calls, and a tool message's answer to one (prompts/tools.py renders both).
+    tool_calls: Optional[List[Dict[str, Any]]] = None
+    tool_call_id: Optional[str] = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -114,11 +121,16 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Optional[int] = None
     # OpenAI Responses API's option: "auto" drops the oldest rounds to fit.
     truncation: Literal["auto", "disabled"] = "disabled"
+    # Function tools (checked in prompts/tools.py); the answer is constrained to a call or, with "auto", text.
+    tools: Optional[List[Dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, Dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]
+    tool_calls: Optional[List[Dict[str, Any]]] = None
 
 
 class ChatChoice(BaseModel):
@@ -144,6 +156,8 @@ class ChatCompletionResponse(BaseModel):
 class Delta(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    # [{"index", "id", "type": "function", "function": {"name", "arguments"}}], OpenAI's streamed shape.
+    tool_calls: Optional[List[Dict[str, Any]]] = None
 
 
 class ChatChunkChoice(BaseModel):

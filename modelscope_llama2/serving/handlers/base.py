@@ -21,11 +21,12 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional, 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from ...constants import SAMPLING_EPS
 from ...decoding import TextDelta
 from ...prompts.chat_format import PromptTooLong, encode_dialog
-from ...prompts.prompt import Prompt, SamplingParams, new_request_id
+from ...prompts.prompt import Prompt, SamplingParams, StructuredOutput, new_request_id
 from ...prompts.requests import chat_prompt, parse_chat_inputs
-from ..backend import Backend
+from ..backend import Backend, BackendUnavailable
 from ..config import ServerConfig
 from ..errors import APIError
 from ..generation import Choice, Generation, collect
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 def sampling_options(request: Any, defaults: Mapping[str, Any]) -> Dict[str, Any]:
     """transformers-style options for an OpenAI request's temperature, top_p and penalties.
 
-    ``temperature: 0`` is greedy; an omitted temperature/top_p falls back to
+    ``temperature: 0`` (or below ``SAMPLING_EPS``, as vLLM) is greedy; an omitted temperature/top_p falls back to
     the checkpoint's defaults. Penalties are passed on only when non-zero, so
     an engine without them refuses them (400) rather than ignoring them.
 
@@ -48,6 +49,8 @@ def sampling_options(request: Any, defaults: Mapping[str, Any]) -> Dict[str, Any
         {'do_sample': True, 'temperature': 0.7}
         >>> sampling_options(R(temperature=0, top_p=0.9, frequency_penalty=0, presence_penalty=0), {})
         {'do_sample': False}
+        >>> sampling_options(R(temperature=1e-40, top_p=None, frequency_penalty=0, presence_penalty=0), {})
+        {'do_sample': False}
     """
     # do_sample is always explicit: an engine would otherwise fall back to the
     # checkpoint's generation_config, which may sample where the request is greedy.
@@ -55,7 +58,7 @@ def sampling_options(request: Any, defaults: Mapping[str, Any]) -> Dict[str, Any
     temperature = request.temperature
     if temperature is None and request.top_p is None and not defaults.get("do_sample", False):
         pass  # the checkpoint decodes greedily by default
-    elif temperature != 0:
+    elif temperature is None or temperature >= SAMPLING_EPS:
         temperature = defaults.get("temperature", 1.0) if temperature is None else temperature
         top_p = defaults.get("top_p", 1.0) if request.top_p is None else request.top_p
         options["do_sample"] = True
@@ -129,7 +132,12 @@ def dialog_of(messages: Sequence[Any], where: str = "messages") -> List[Dict[str
     dialog = []
     for index, message in enumerate(messages):
         role = ROLE_ALIASES.get(message.role, message.role)
-        dialog.append({"role": role, "content": _text(message.content, role, f"{where}.{index}.content")})
+        turn = {"role": role, "content": _text(message.content, role, f"{where}.{index}.content")}
+        # Tool calls and results stay on the turn: the prompt builder renders them (prompts/tools.py).
+        for key in ("tool_calls", "tool_call_id"):
+            if getattr(message, key, None) is not None:
+                turn[key] = getattr(message, key)
+        dialog.append(turn)
     return dialog
 
 
@@ -151,6 +159,23 @@ def _text(content: Any, role: str, where: str) -> str:
                            param=f"{where}.{index}.text")
         texts.append(text)
     return "".join(texts)
+
+
+# The request fields that constrain the answer, passed to the prompt builder as they came.
+STRUCTURED_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls")
+
+
+def structured_inputs(request: Any) -> Dict[str, Any]:
+    """The structured-output and tool fields a request set (``response_format`` ``text`` is no constraint)."""
+    return {key: getattr(request, key) for key in STRUCTURED_FIELDS if getattr(request, key, None) is not None}
+
+
+def _field_named(message: str, inputs: Mapping[str, Any]) -> str:
+    """The request field an input error names (``messages`` unless it is about a structured field)."""
+    for key in STRUCTURED_FIELDS:
+        if message.startswith((f"inputs.{key}", f"inputs['{key}']")) and key in inputs:
+            return key
+    return "messages"
 
 
 class RequestBuilder:
@@ -176,16 +201,19 @@ class RequestBuilder:
             raise APIError(400, f"{max_tokens_param}: {max_tokens} leaves no room for a prompt in this model's "
                                 f"context of {self.context} tokens", param=max_tokens_param,
                            code="context_length_exceeded")
-        inputs: Dict[str, Any] = {"messages": dialog}
+        inputs: Dict[str, Any] = {"messages": dialog, **structured_inputs(request)}
         if max_tokens is not None:
             inputs["max_new_tokens"] = max_tokens
         try:
             prompt = chat_prompt(parse_chat_inputs(inputs), self.tokenizer, self.context, truncate=truncate)
         except PromptTooLong as error:
             raise too_long(error.prompt_tokens, max_tokens, error.budget, self.context) from None
-        except (TypeError, ValueError) as error:  # roles, order, control tags: named by index
-            raise APIError(400, str(error), param="messages") from None
-        sampling = self.sampling(request, prompt.sampling.max_new_tokens)
+        except (TypeError, ValueError) as error:  # roles, order, control tags, tools, formats: named
+            param = _field_named(str(error), inputs)
+            message = str(error)[len("inputs."):] if param != "messages" and str(error).startswith("inputs.") else str(error)
+            raise APIError(400, message, param=param) from None
+        sampling = self.sampling(request, prompt.sampling.max_new_tokens, prompt.sampling.structured,
+                                 "tools" if prompt.tools is not None else "response_format")
         return [replace(prompt, sampling=self.seeded(sampling, i), request_id=new_request_id()) for i in range(n)]
 
     def chat_ids(self, dialog: List[Dict[str, str]]) -> List[int]:
@@ -197,17 +225,31 @@ class RequestBuilder:
         tokenizer = self.tokenizer
         return encode_dialog(chat.dialog, tokenizer.sp_model.encode, tokenizer.bos_token_id, tokenizer.eos_token_id)
 
-    def sampling(self, request: Any, max_new_tokens: int) -> SamplingParams:
-        """``request``'s sampling, each option checked against the engine (400 naming the first it lacks)."""
+    def sampling(self, request: Any, max_new_tokens: int, structured: Optional[StructuredOutput] = None,
+                 structured_param: str = "response_format") -> SamplingParams:
+        """``request``'s sampling, each option checked against the engine (400 naming the first it lacks).
+
+        ``structured``: the grammar the answer must follow, compiled now so a
+        schema the grammar engine refuses is a 400 naming ``structured_param``.
+        """
         sampling = SamplingParams(max_new_tokens=max_new_tokens, stop=stops(getattr(request, "stop", None)),
                                   seed=getattr(request, "seed", None),
-                                  options=sampling_options(request, self.defaults))
+                                  options=sampling_options(request, self.defaults), structured=structured)
         for key, value in sampling.options.items():  # one by one, to name the field refused
             try:
                 self.backend.check_sampling(SamplingParams(max_new_tokens, options={key: value}), "body")
             except ValueError:
                 raise APIError(400, f"{key}: not supported by the {self.backend.engine_name} engine",
                                param=key) from None
+        if structured is not None:
+            try:
+                self.backend.check_sampling(SamplingParams(max_new_tokens, structured=structured), structured_param)
+            except ImportError:
+                raise APIError(400, f"{structured_param}: structured outputs need xgrammar on the server "
+                                    "(pip install 'modelscope_llama2[structured]')", param=structured_param) from None
+            except ValueError as error:
+                message = str(error).replace(f"{structured_param}['response_format']", structured_param)
+                raise APIError(400, message, param=structured_param) from None
         return sampling
 
     @staticmethod
@@ -260,7 +302,8 @@ class Handler:
                       build: Callable[[str, List[Choice]], Any]) -> Any:
         """Generate ``prompts``; SSE chunks from ``stream_chunks`` or one response from ``build``."""
         response_id = f"{kind}-{uuid.uuid4().hex}"
-        deltas = self.generation.run(prompts)
+        # Past the choice limit, name what made the request big: its n, or (completions) its list of prompts.
+        deltas = self.generation.run(prompts, param="n" if len(prompts) == getattr(body, "n", 1) else "prompt")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return self.streaming(stream_chunks(response_id, deltas, include_usage))
@@ -307,6 +350,10 @@ class Handler:
             except APIError as error:  # after the status line went out: an error event, as vLLM sends
                 metrics.requests.labels(status=str(error.status)).inc()
                 yield sse(error.body.model_dump_json())
+            except BackendUnavailable as error:  # replica gone, or the server's drain timeout passed
+                metrics.requests.labels(status="503").inc()
+                yield sse(ErrorResponse.of(f"The model is not available: {error}",
+                                           "service_unavailable_error").model_dump_json())
             except Exception:
                 logger.exception("generation failed mid-stream")
                 metrics.requests.labels(status="500").inc()

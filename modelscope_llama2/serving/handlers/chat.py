@@ -5,14 +5,16 @@ Example:
     'ChatHandler'
 """
 
+import asyncio
 import time
-from typing import Any, AsyncIterator, List, Optional
+from typing import Any, AsyncIterator, Dict, Iterator, List, Optional
 
 from fastapi import Request
 
 from ...decoding import TextDelta
 from ...prompts.chat_format import AnswerStream, answer_text
 from ...prompts.prompt import Prompt
+from ...prompts.tools import ToolOutputStream, parse_tool_output
 from ..generation import FINISH_REASONS, Choice, usage
 from ..protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                         ChatCompletionResponse, Delta)
@@ -25,14 +27,14 @@ class ChatHandler(Handler):
     async def create(self, body: ChatCompletionRequest, request: Request) -> Any:
         self.builder.check_model(body.model)
         dialog = dialog_of(body.messages)
-        prompts = self.builder.chat(body, dialog, body.max_completion_tokens or body.max_tokens, body.n,
-                                    truncate=body.truncation == "auto")
+        # Off the event loop: a huge request's prompt takes a while to fit and encode.
+        prompts = await asyncio.to_thread(self.builder.chat, body, dialog, body.max_completion_tokens or body.max_tokens,
+                                          body.n, truncate=body.truncation == "auto")
 
         def build(response_id: str, choices: List[Choice]) -> ChatCompletionResponse:
             return ChatCompletionResponse(
                 id=response_id, model=body.model,
-                choices=[ChatChoice(index=i, message=AssistantMessage(content=answer_text("".join(c.text))),
-                                    finish_reason=c.finish_reason,
+                choices=[ChatChoice(index=i, **answer(prompts[0], c),
                                     token_ids=c.token_ids if body.return_token_ids else None)
                          for i, c in enumerate(choices)],
                 usage=usage(len(prompts[0].token_ids), [c.final for c in choices if c.final]),
@@ -43,6 +45,17 @@ class ChatHandler(Handler):
         return await self.respond(body, request, prompts, "chatcmpl",
                                   lambda rid, deltas, with_usage: _chunks(body, prompts, rid, deltas, with_usage),
                                   build)
+
+
+def answer(prompt: Prompt, choice: Choice) -> Dict[str, Any]:
+    """A choice's ``message`` and ``finish_reason``: the text, or with tools the calls (``tool_calls``)."""
+    text = answer_text("".join(choice.text))
+    if prompt.tools is None:
+        return {"message": AssistantMessage(content=text), "finish_reason": choice.finish_reason}
+    content, calls = parse_tool_output(text, prompt.tools)
+    reason = "tool_calls" if calls and choice.finish_reason == "stop" else choice.finish_reason
+    return {"message": AssistantMessage(content=content, tool_calls=[c.as_openai() for c in calls] or None),
+            "finish_reason": reason}
 
 
 def dropped_rounds(body: ChatCompletionRequest, prompts: List[Prompt]) -> Optional[int]:
@@ -63,9 +76,16 @@ async def _chunks(body: ChatCompletionRequest, prompts: List[Prompt], response_i
     finals: List[TextDelta] = []
     # The answer stripped at both ends, as chat() returns it.
     answers = [AnswerStream() for _ in prompts]
+    tools = [ToolOutputStream(p.tools) if p.tools is not None else None for p in prompts]
     async for index, delta in deltas:
         reason = FINISH_REASONS.get(delta.finish_reason, delta.finish_reason)
         shown = answers[index].feed(delta.text, final=reason is not None)
+        if tools[index] is not None:
+            for piece in _tool_chunks(tools[index], shown, reason, index, delta):
+                yield chunk([piece])
+            if delta.finish_reason is not None:
+                finals.append(delta)
+            continue
         if shown or reason:
             token_ids = list(delta.token_ids) if body.return_token_ids else None
             yield chunk([ChatChunkChoice(index=index, delta=Delta(content=shown), finish_reason=reason,
@@ -74,3 +94,21 @@ async def _chunks(body: ChatCompletionRequest, prompts: List[Prompt], response_i
             finals.append(delta)
     if include_usage:
         yield chunk([], usage=usage(len(prompts[0].token_ids), finals))
+
+
+def _tool_chunks(stream: ToolOutputStream, text: str, reason: Optional[str], index: int,
+                 delta: TextDelta) -> Iterator[ChatChunkChoice]:
+    """The chunks of an answer in the tool format: a plain answer's text as it grows; the calls, whole, at the end."""
+    shown = stream.feed(text)
+    if shown:
+        yield ChatChunkChoice(index=index, delta=Delta(content=shown))
+    if reason is None:
+        return
+    rest, calls = stream.finish()
+    if rest:
+        yield ChatChunkChoice(index=index, delta=Delta(content=rest))
+    if calls:
+        yield ChatChunkChoice(index=index, delta=Delta(tool_calls=[{"index": i, **call.as_openai()}
+                                                                   for i, call in enumerate(calls)]))
+    yield ChatChunkChoice(index=index, delta=Delta(), finish_reason="tool_calls" if calls and reason == "stop"
+                          else reason)

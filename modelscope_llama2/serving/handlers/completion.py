@@ -5,6 +5,7 @@ Example:
     3
 """
 
+import asyncio
 import time
 from typing import Any, AsyncIterator, List, Optional, Sequence, Tuple
 
@@ -12,6 +13,7 @@ from fastapi import Request
 
 from ...decoding import TextDelta
 from ...prompts.prompt import Prompt
+from ...prompts.structured import parse_response_format
 from ..errors import APIError
 from ..generation import FINISH_REASONS, Choice, usage
 from ..protocol import CompletionChoice, CompletionRequest, CompletionResponse
@@ -23,7 +25,10 @@ class CompletionHandler(Handler):
 
     async def create(self, body: CompletionRequest, request: Request) -> Any:
         self.builder.check_model(body.model)
-        prompts = self.prompts(body)
+        rows = 1 if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int)) \
+            else len(body.prompt)
+        self.generation.admission.check_size(rows * body.n, "n" if rows == 1 else "prompt")  # before encoding them
+        prompts = await asyncio.to_thread(self.prompts, body)  # off the event loop: many prompts take a while
 
         def build(response_id: str, choices: List[Choice]) -> CompletionResponse:
             return CompletionResponse(
@@ -41,12 +46,16 @@ class CompletionHandler(Handler):
     def prompts(self, request: CompletionRequest) -> List[Prompt]:
         refuse_unsupported(request)
         builder, context = self.builder, self.builder.context
+        try:
+            structured = parse_response_format(request.response_format)
+        except (TypeError, ValueError) as error:
+            raise APIError(400, str(error), param="response_format") from None
         prompts = []
         for text, ids in self._ids(request.prompt):
             if len(ids) + (request.max_tokens or 1) > context:
                 raise too_long(len(ids), request.max_tokens, context - (request.max_tokens or 1), context,
                                param="prompt")
-            sampling = builder.sampling(request, request.max_tokens or context - len(ids))
+            sampling = builder.sampling(request, request.max_tokens or context - len(ids), structured)
             # Decoded before the new ids (specials left out), so the first new word keeps its space.
             prefix = tuple(ids[after_last_special(ids, builder.tokenizer.all_special_ids):])
             prompts += [Prompt(tuple(ids), builder.seeded(sampling, i), kind="completion", decode_prefix=prefix,
