@@ -27,3 +27,8 @@ ENGINES = ("transformers", "vllm")
 
 # The offline demo checkpoint shipped inside the package.
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_checkpoint")
+
+# OpenAI's frequency/presence penalties: option names every engine implements
+# itself (transformers has neither), and the range OpenAI allows.
+PENALTY_OPTIONS = ("frequency_penalty", "presence_penalty")
+PENALTY_RANGE = (-2.0, 2.0)

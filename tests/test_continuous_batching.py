@@ -81,5 +81,5 @@ def test_sampled_requests_are_seeded(engine, tokenizer):
 
 
 def test_unknown_options_are_refused(engine):
-    with pytest.raises(ValueError, match="frequency_penalty"):
-        engine.check_sampling(SamplingParams(max_new_tokens=1, options={"frequency_penalty": 0.5}))
+    with pytest.raises(ValueError, match="num_beams"):
+        engine.check_sampling(SamplingParams(max_new_tokens=1, options={"num_beams": 2}))

@@ -12,11 +12,15 @@ thread per request), and :meth:`~ContinuousBatchingEngine.generate` is the
 blocking iterator every engine has, built on it.
 
 The manager samples with one generation config for all requests and one
-global random generator, so it serves greedy requests (``do_sample``
-explicitly ``False``; bit-for-bit what ``generate()`` gives); the rest
-(sampled, seeded, or leaving it to the checkpoint's defaults) go to ``fallback`` (by
+global random generator, and reports no logits, so it serves plain greedy
+requests (``do_sample`` explicitly ``False``; bit-for-bit what
+``generate()`` gives; :func:`batchable`); the rest go to ``fallback`` (by
 default a :class:`~.transformers_engine.TransformersEngine` on the same
-model, one request at a time).
+model, one request at a time): sampled, seeded, or leaving it to the
+checkpoint's defaults; any option but those greedy ignores
+(``repetition_penalty``, ``min_new_tokens``, the frequency/presence
+penalties, ...); ``logprobs``, ``prompt_logprobs``, ``ignore_eos``,
+structured output, or no new tokens at all.
 
 Example:
     >>> from transformers import AutoModelForCausalLM
@@ -52,9 +56,29 @@ PAGE_SIZE = 32
 
 # The options of a request the batching manager can serve.
 GREEDY = {"do_sample": False}
+# Sampling settings greedy decoding ignores (transformers too): a greedy request may carry them.
+IGNORED_WHEN_GREEDY = frozenset({"temperature", "top_p", "top_k", "min_p"})
+
+
+def batchable(sampling: SamplingParams) -> bool:
+    """Whether the batching manager serves ``sampling`` exactly: greedy, unseeded, and nothing it would drop.
+
+    Example:
+        >>> batchable(SamplingParams(max_new_tokens=8, options={"do_sample": False, "temperature": 0.7}))
+        True
+        >>> batchable(SamplingParams(max_new_tokens=8, options={"do_sample": False, "repetition_penalty": 1.2}))
+        False
+        >>> batchable(SamplingParams(max_new_tokens=8, options=GREEDY, logprobs=0))
+        False
+    """
+    others = set(sampling.options) - set(GREEDY) - IGNORED_WHEN_GREEDY
+    return (sampling.greedy and not others and sampling.seed is None and sampling.logprobs is None
+            and sampling.prompt_logprobs is None and not sampling.ignore_eos and sampling.structured is None
+            and sampling.max_new_tokens > 0)
+
 
 class ContinuousBatchingEngine(Engine):
-    """Greedy requests batched continuously by transformers; the rest through ``fallback``.
+    """Greedy requests batched continuously by transformers; the rest (:func:`batchable`) through ``fallback``.
 
     ``kv_cache_bytes``: memory for the paged KV cache (it bounds how many
     tokens all running requests hold together). ``max_batch_tokens``: tokens
@@ -93,7 +117,7 @@ class ContinuousBatchingEngine(Engine):
         """
         if self._closed:
             raise RuntimeError("the continuous batching engine is closed")
-        if not prompt.sampling.greedy or prompt.sampling.seed is not None:
+        if not batchable(prompt.sampling):
             threading.Thread(target=self._run_fallback, args=(prompt, on_event), daemon=True,
                              name="fallback-generate").start()
             return
@@ -176,7 +200,7 @@ class ContinuousBatchingEngine(Engine):
         cache.search_prefix_match = search_and_count
 
     def _run_fallback(self, prompt: Prompt, on_event: Callable[[TokenEvent], None]) -> None:
-        """Sampled or seeded requests: the eager engine, one at a time, its events passed on."""
+        """Requests the manager cannot serve exactly: the eager engine, one at a time, its events passed on."""
         finished = False
         try:
             with self._fallback_lock:
