@@ -94,7 +94,7 @@ def run_router(model_dir: str, router: str, port: int) -> Dict[str, object]:
     import openai
     from ray import serve
 
-    from modelscope_llama2.serving.openai import ServerConfig
+    from modelscope_llama2.serving.config import ServerConfig
     from modelscope_llama2.serving.ray import EngineSpec, ScaleSpec, build_application
 
     engine = EngineSpec(model_dir, device="cpu", prefix_cache_entries=CONVERSATIONS, max_concurrent=1)

@@ -109,7 +109,7 @@ def _run_serve_on_ray(args: argparse.Namespace, model_dir: str, name: str) -> in
         from .serving import ray as on_ray
     except ImportError as error:
         raise RuntimeError(str(error)) from error
-    from .serving.openai import ServerConfig
+    from .serving.config import ServerConfig
     from .serving.server import default_sampling
 
     # A hub id is fetched by each replica on its own node; a directory must exist on every node.

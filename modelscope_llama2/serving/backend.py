@@ -1,6 +1,6 @@
 """What the HTTP app generates through: a :class:`Backend`, local or remote.
 
-The OpenAI app (:mod:`modelscope_llama2.serving.openai`) builds Meta-exact
+The OpenAI app (:mod:`modelscope_llama2.serving.app`) builds Meta-exact
 prompts itself (it holds the tokenizer and the context length) and hands
 each :class:`~modelscope_llama2.prompts.prompt.Prompt` to a backend, which
 streams :class:`~modelscope_llama2.decoding.TextDelta` items back. The

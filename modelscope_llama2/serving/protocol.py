@@ -2,7 +2,7 @@
 
 Only shapes live here (as in vLLM's ``entrypoints/openai/protocol.py``);
 what the fields mean for generation is decided in
-:mod:`modelscope_llama2.serving.openai`. Requests refuse unknown fields,
+:mod:`modelscope_llama2.serving.handlers`. Requests refuse unknown fields,
 so a setting the server would ignore is a 400 that names it rather than a
 silent difference.
 

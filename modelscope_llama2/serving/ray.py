@@ -56,7 +56,8 @@ from ..prompts.prompt import Prompt, SamplingParams
 from .affinity import conversation_key, rank_order, turn_end_ids
 from .backend import Backend, BackendUnavailable, LocalBackend
 from .metrics import PREFIX
-from .openai import ServerConfig, create_app
+from .app import create_app
+from .config import ServerConfig
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from typing import Any, Dict, Optional
 from ..constants import ENGINES
 from ..engines.base import Engine
 from .backend import LocalBackend
-from .openai import ServerConfig, create_app
+from .app import create_app
+from .config import ServerConfig
 
 logger = logging.getLogger(__name__)
 

@@ -74,7 +74,7 @@ def serve_url(ray_cluster):
 
 def scaled_app(model_dir: str, **scale):
     """The app with 2 tiny replicas, one per node (0.75 CPU each), quick health checks and shutdown."""
-    from modelscope_llama2.serving.openai import ServerConfig
+    from modelscope_llama2.serving.config import ServerConfig
     from modelscope_llama2.serving.ray import EngineSpec, ScaleSpec, build_application
 
     settings = {"replicas": 2, "replica_cpus": 0.75, "health_check_period_s": 1, "graceful_shutdown_timeout_s": 1,

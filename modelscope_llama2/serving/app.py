@@ -1,0 +1,84 @@
+"""The OpenAI-compatible HTTP app: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
+
+:func:`create_app` builds a FastAPI app over a
+:class:`~modelscope_llama2.serving.backend.Backend`. The app turns each
+request into Meta-exact :class:`~modelscope_llama2.prompts.prompt.Prompt`
+objects (one per choice), admits them into a bounded number of running
+slots with a bounded waiting line (429 past it), streams the backend's
+text deltas back as OpenAI JSON or SSE chunks, and aborts a request whose
+client goes away. Each route family has its handler in
+:mod:`modelscope_llama2.serving.handlers`.
+
+Safe by default: with an API key every route but ``/health`` needs
+``Authorization: Bearer KEY`` (compared in constant time), bodies are capped
+(413), and errors are OpenAI's error body, never a stack trace.
+
+Example:
+    >>> from modelscope_llama2.serving.backend import LocalBackend  # doctest: +SKIP
+    >>> backend = LocalBackend(engine, tokenizer)  # doctest: +SKIP
+    >>> app = create_app(backend, ServerConfig("llama-2-7b-chat", api_key="sk-1"))  # doctest: +SKIP
+    >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
+"""
+
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Dict
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from .admission import Admission
+from .backend import Backend
+from .config import ServerConfig
+from .errors import install_error_handlers
+from .generation import Generation
+from .handlers.base import RequestBuilder
+from .handlers.chat import ChatHandler
+from .handlers.completion import CompletionHandler
+from .metrics import ServerMetrics
+from .middleware import GuardMiddleware
+from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+
+__all__ = ["ServerConfig", "create_app"]
+
+
+def create_app(backend: Backend, config: ServerConfig) -> Any:
+    """The OpenAI-compatible app over ``backend``, behind its guard; see the module doc."""
+    metrics = ServerMetrics()
+    backend.register_metrics(metrics.registry)
+    admission = Admission(config.max_running, config.max_waiting, metrics)
+    generation = Generation(backend, admission, metrics)
+    builder = RequestBuilder(backend, config)
+    chat = ChatHandler(builder, generation, metrics)
+    completion = CompletionHandler(builder, generation, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await backend.close()
+
+    app = FastAPI(title="modelscope_llama2 OpenAI-compatible server", lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    app.state.metrics, app.state.admission, app.state.backend = metrics, admission, backend
+    install_error_handlers(app, metrics)
+
+    @app.get("/health")
+    async def health() -> Dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=config.served_model_name, max_model_len=backend.context_length)])
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await chat.create(body, request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await completion.create(body, request)
+
+    return GuardMiddleware(app, config.api_key, config.max_body_bytes)

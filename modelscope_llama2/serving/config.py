@@ -1,0 +1,28 @@
+"""What the OpenAI-compatible app serves and its limits.
+
+Example:
+    >>> ServerConfig("llama-2-7b-chat", api_key="sk-1").max_running
+    8
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the app serves and its limits.
+
+    ``default_sampling``: the checkpoint's ``generation_config`` settings
+    (``do_sample``, ``temperature``, ``top_p``) used when a request leaves
+    ``temperature``/``top_p`` out, as vLLM does. ``max_running``: choices
+    generating at once; ``max_waiting``: choices queued behind them before
+    new requests get 429.
+    """
+
+    served_model_name: str
+    api_key: Optional[str] = None
+    default_sampling: Mapping[str, Any] = field(default_factory=dict)
+    max_running: int = 8
+    max_waiting: int = 64
+    max_body_bytes: int = 1 << 20

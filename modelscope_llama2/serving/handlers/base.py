@@ -1,0 +1,248 @@
+"""What every route shares: OpenAI requests to Meta-exact prompts, and the JSON-or-SSE answer.
+
+:class:`RequestBuilder` is the one place a request becomes
+:class:`~modelscope_llama2.prompts.prompt.Prompt` objects (sampling
+options, stops, context budget, one prompt per choice); :class:`Handler`
+runs them and answers either one JSON body or a stream of SSE chunks,
+aborting the generation when the client goes away.
+
+Example:
+    >>> sse({"a": 1})
+    'data: {"a": 1}\\n\\n'
+"""
+
+import asyncio
+import json
+import logging
+import uuid
+from dataclasses import replace
+from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional, Tuple
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from ...decoding import TextDelta
+from ...prompts.chat_format import PromptTooLong
+from ...prompts.prompt import Prompt, SamplingParams, new_request_id
+from ...prompts.requests import chat_prompt, parse_chat_inputs
+from ..backend import Backend
+from ..config import ServerConfig
+from ..errors import APIError
+from ..generation import Choice, Generation, collect
+from ..metrics import ServerMetrics
+from ..protocol import ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+
+def sampling_options(request: Any, defaults: Mapping[str, Any]) -> Dict[str, Any]:
+    """transformers-style options for an OpenAI request's temperature, top_p and penalties.
+
+    ``temperature: 0`` is greedy; an omitted temperature/top_p falls back to
+    the checkpoint's defaults. Penalties are passed on only when non-zero, so
+    an engine without them refuses them (400) rather than ignoring them.
+
+    Example:
+        >>> from types import SimpleNamespace as R
+        >>> sampling_options(R(temperature=0.7, top_p=None, frequency_penalty=0, presence_penalty=0), {})
+        {'do_sample': True, 'temperature': 0.7}
+        >>> sampling_options(R(temperature=0, top_p=0.9, frequency_penalty=0, presence_penalty=0), {})
+        {'do_sample': False}
+    """
+    # do_sample is always explicit: an engine would otherwise fall back to the
+    # checkpoint's generation_config, which may sample where the request is greedy.
+    options: Dict[str, Any] = {"do_sample": False}
+    temperature = request.temperature
+    if temperature is None and request.top_p is None and not defaults.get("do_sample", False):
+        pass  # the checkpoint decodes greedily by default
+    elif temperature != 0:
+        temperature = defaults.get("temperature", 1.0) if temperature is None else temperature
+        top_p = defaults.get("top_p", 1.0) if request.top_p is None else request.top_p
+        options["do_sample"] = True
+        if temperature != 1.0:
+            options["temperature"] = temperature
+        if top_p != 1.0:
+            options["top_p"] = top_p
+    for penalty in ("frequency_penalty", "presence_penalty"):
+        if getattr(request, penalty, 0):
+            options[penalty] = getattr(request, penalty)
+    return options
+
+
+def refuse_unsupported(request: Any) -> None:
+    """400 for the request fields this server cannot honour, named."""
+    if getattr(request, "logprobs", None) or getattr(request, "top_logprobs", None):
+        raise APIError(400, "logprobs: not supported by this server", param="logprobs")
+    if getattr(request, "logit_bias", None):
+        raise APIError(400, "logit_bias: not supported by this server", param="logit_bias")
+    if getattr(request, "suffix", None):
+        raise APIError(400, "suffix: not supported by Llama 2", param="suffix")
+    if (getattr(request, "best_of", None) or 1) != 1:
+        raise APIError(400, "best_of: not supported by this server", param="best_of")
+
+
+def stops(stop: Any) -> Tuple[str, ...]:
+    """A request's ``stop`` as a tuple, checked."""
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if not all(stops):
+        raise APIError(400, "stop: stop strings must not be empty", param="stop")
+    if len(stops) > 4:
+        raise APIError(400, "stop: at most 4 stop sequences", param="stop")
+    return stops
+
+
+def too_long(prompt_tokens: int, max_tokens: Optional[int], budget: int, context: int,
+             param: str = "messages") -> APIError:
+    """OpenAI's ``context_length_exceeded`` error, with the numbers."""
+    answer = context - budget
+    return APIError(400, f"This model's maximum context length is {context} tokens. However, your prompt takes "
+                         f"{prompt_tokens} tokens and {answer} are kept for the completion "
+                         f"({'max_tokens' if max_tokens else 'the default reserve'}), {prompt_tokens + answer} in "
+                         "all. Please reduce the length of the messages or max_tokens"
+                         + (", or send \"truncation\": \"auto\" to drop the oldest rounds." if param == "messages"
+                            else "."), param=param, code="context_length_exceeded")
+
+
+class RequestBuilder:
+    """OpenAI requests to Meta-exact :class:`Prompt` objects: the one place every route builds them."""
+
+    def __init__(self, backend: Backend, config: ServerConfig):
+        self.tokenizer = backend.tokenizer
+        self.context = backend.context_length
+        self.backend = backend
+        self.config = config
+        self.defaults = config.default_sampling
+
+    def check_model(self, name: str) -> None:
+        if name != self.config.served_model_name:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves "
+                                f"`{self.config.served_model_name}`.", param="model", code="model_not_found")
+
+    def chat(self, request: Any, dialog: List[Dict[str, str]], max_tokens: Optional[int], n: int = 1,
+             truncate: bool = False) -> List[Prompt]:
+        """``n`` prompts for a dialog of ``{role, content}`` messages, with ``request``'s sampling."""
+        refuse_unsupported(request)
+        if max_tokens is not None and max_tokens >= self.context:
+            raise APIError(400, f"max_tokens: {max_tokens} leaves no room for a prompt in this model's context of "
+                                f"{self.context} tokens", param="max_tokens", code="context_length_exceeded")
+        inputs: Dict[str, Any] = {"messages": dialog}
+        if max_tokens is not None:
+            inputs["max_new_tokens"] = max_tokens
+        try:
+            prompt = chat_prompt(parse_chat_inputs(inputs), self.tokenizer, self.context, truncate=truncate)
+        except PromptTooLong as error:
+            raise too_long(error.prompt_tokens, max_tokens, error.budget, self.context) from None
+        except (TypeError, ValueError) as error:  # roles, order, control tags: named by index
+            raise APIError(400, str(error), param="messages") from None
+        sampling = self.sampling(request, prompt.sampling.max_new_tokens)
+        return [replace(prompt, sampling=self.seeded(sampling, i), request_id=new_request_id()) for i in range(n)]
+
+    def sampling(self, request: Any, max_new_tokens: int) -> SamplingParams:
+        """``request``'s sampling, each option checked against the engine (400 naming the first it lacks)."""
+        sampling = SamplingParams(max_new_tokens=max_new_tokens, stop=stops(getattr(request, "stop", None)),
+                                  seed=getattr(request, "seed", None),
+                                  options=sampling_options(request, self.defaults))
+        for key, value in sampling.options.items():  # one by one, to name the field refused
+            try:
+                self.backend.check_sampling(SamplingParams(max_new_tokens, options={key: value}), "body")
+            except ValueError:
+                raise APIError(400, f"{key}: not supported by the {self.backend.engine_name} engine",
+                               param=key) from None
+        return sampling
+
+    @staticmethod
+    def seeded(sampling: SamplingParams, choice: int) -> SamplingParams:
+        # n choices with one seed: each its own reproducible stream, not n copies.
+        if sampling.seed is None or choice == 0:
+            return sampling
+        return replace(sampling, seed=sampling.seed + choice)
+
+
+def sse(payload: Any) -> str:
+    """One server-sent event: a pydantic model (``None`` fields left out), a dict, or a plain string."""
+    if isinstance(payload, str):
+        data = payload
+    elif isinstance(payload, dict):
+        data = json.dumps(payload)
+    else:
+        data = payload.model_dump_json(exclude_none=True)
+    return f"data: {data}\n\n"
+
+
+Deltas = AsyncIterator[Tuple[int, TextDelta]]
+
+
+class Handler:
+    """A route family's handler: builds prompts with :class:`RequestBuilder`, runs them, answers."""
+
+    def __init__(self, builder: RequestBuilder, generation: Generation, metrics: ServerMetrics):
+        self.builder, self.generation, self.metrics = builder, generation, metrics
+
+    async def respond(self, body: Any, request: Request, prompts: List[Prompt], kind: str,
+                      stream_chunks: Callable[[str, Deltas, bool], AsyncIterator[str]],
+                      build: Callable[[str, List[Choice]], Any]) -> Any:
+        """Generate ``prompts``; SSE chunks from ``stream_chunks`` or one response from ``build``."""
+        response_id = f"{kind}-{uuid.uuid4().hex}"
+        deltas = self.generation.run(prompts)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return self.streaming(stream_chunks(response_id, deltas, include_usage))
+        choices = await self.until_disconnected(request, collect(deltas, len(prompts)))
+        if choices is None:
+            return self.client_gone()
+        self.metrics.requests.labels(status="200").inc()
+        return build(response_id, choices).model_dump(exclude_none=True)
+
+    @staticmethod
+    async def until_disconnected(request: Request, work: Any) -> Optional[Any]:
+        """Await ``work``; if the client goes away first, cancel it (which aborts its generation) and return None."""
+        task = asyncio.ensure_future(work)
+
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            return None
+        return task.result()
+
+    def client_gone(self) -> Response:
+        # nginx's 499: nobody reads this response, but the metrics count the aborted request.
+        self.metrics.requests.labels(status="499").inc()
+        return Response(status_code=499)
+
+    def streaming(self, chunks: AsyncIterator[str], done: bool = True) -> StreamingResponse:
+        """An SSE response of ``chunks``, ending with ``data: [DONE]`` (``done``) as OpenAI's chat streams do."""
+        metrics = self.metrics
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except APIError as error:  # after the status line went out: an error event, as vLLM sends
+                metrics.requests.labels(status=str(error.status)).inc()
+                yield sse(error.body.model_dump_json())
+            except Exception:
+                logger.exception("generation failed mid-stream")
+                metrics.requests.labels(status="500").inc()
+                yield sse(ErrorResponse.of("The server failed while generating.", "server_error").model_dump_json())
+            except asyncio.CancelledError:  # the client went away; closing the chunks aborts its generation
+                metrics.requests.labels(status="499").inc()
+                raise
+            else:
+                metrics.requests.labels(status="200").inc()
+            finally:
+                await chunks.aclose()
+            if done:
+                yield sse("[DONE]")
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

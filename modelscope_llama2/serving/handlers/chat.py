@@ -1,0 +1,71 @@
+"""``POST /v1/chat/completions``: Meta-exact chat prompts, answered whole or as ``chat.completion.chunk`` events.
+
+Example:
+    >>> ChatHandler.__name__
+    'ChatHandler'
+"""
+
+import time
+from typing import Any, AsyncIterator, List
+
+from fastapi import Request
+
+from ...decoding import TextDelta
+from ...prompts.prompt import Prompt
+from ..generation import FINISH_REASONS, Choice, usage
+from ..protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+                        ChatCompletionResponse, Delta)
+from .base import Deltas, Handler, sse
+
+
+class ChatHandler(Handler):
+    """Chat completions: one prompt per choice from the request's messages."""
+
+    async def create(self, body: ChatCompletionRequest, request: Request) -> Any:
+        self.builder.check_model(body.model)
+        dialog = [{"role": message.role, "content": message.text()} for message in body.messages]
+        prompts = self.builder.chat(body, dialog, body.max_completion_tokens or body.max_tokens, body.n,
+                                    truncate=body.truncation == "auto")
+
+        def build(response_id: str, choices: List[Choice]) -> ChatCompletionResponse:
+            return ChatCompletionResponse(
+                id=response_id, model=body.model,
+                choices=[ChatChoice(index=i, message=AssistantMessage(content="".join(c.text).rstrip()),
+                                    finish_reason=c.finish_reason,
+                                    token_ids=c.token_ids if body.return_token_ids else None)
+                         for i, c in enumerate(choices)],
+                usage=usage(len(prompts[0].token_ids), [c.final for c in choices if c.final]),
+                prompt_token_ids=list(prompts[0].token_ids) if body.return_token_ids else None,
+            )
+
+        return await self.respond(body, request, prompts, "chatcmpl",
+                                  lambda rid, deltas, with_usage: _chunks(body, prompts, rid, deltas, with_usage),
+                                  build)
+
+
+async def _chunks(body: ChatCompletionRequest, prompts: List[Prompt], response_id: str, deltas: Deltas,
+                  include_usage: bool) -> AsyncIterator[str]:
+    created = int(time.time())
+
+    def chunk(choices: List[ChatChunkChoice], **extra: Any) -> str:
+        return sse(ChatCompletionChunk(id=response_id, created=created, model=body.model, choices=choices, **extra))
+
+    ids = list(prompts[0].token_ids) if body.return_token_ids else None
+    yield chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))
+                 for i in range(len(prompts))], prompt_token_ids=ids)
+    finals: List[TextDelta] = []
+    # The answer ends without its trailing whitespace, as chat() returns it: held until more text comes.
+    held = [""] * len(prompts)
+    async for index, delta in deltas:
+        reason = FINISH_REASONS.get(delta.finish_reason, delta.finish_reason)
+        text = held[index] + delta.text
+        shown = text.rstrip()
+        held[index] = "" if reason else text[len(shown):]
+        if shown or reason:
+            token_ids = list(delta.token_ids) if body.return_token_ids else None
+            yield chunk([ChatChunkChoice(index=index, delta=Delta(content=shown), finish_reason=reason,
+                                         token_ids=token_ids)])
+        if delta.finish_reason is not None:
+            finals.append(delta)
+    if include_usage:
+        yield chunk([], usage=usage(len(prompts[0].token_ids), finals))

@@ -1,0 +1,115 @@
+"""``POST /v1/completions``: text or token-id prompts, answered whole or as ``text_completion`` events.
+
+Example:
+    >>> after_last_special([1, 5, 2, 7, 8], special=[1, 2])
+    3
+"""
+
+import time
+from typing import Any, AsyncIterator, List, Optional, Sequence, Tuple
+
+from fastapi import Request
+
+from ...decoding import TextDelta
+from ...prompts.prompt import Prompt
+from ..errors import APIError
+from ..generation import FINISH_REASONS, Choice, usage
+from ..protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from .base import Deltas, Handler, refuse_unsupported, sse, too_long
+
+
+class CompletionHandler(Handler):
+    """Completions: one prompt per (prompt, choice), ``prompt[0]``'s n choices first, as OpenAI orders them."""
+
+    async def create(self, body: CompletionRequest, request: Request) -> Any:
+        self.builder.check_model(body.model)
+        prompts = self.prompts(body)
+
+        def build(response_id: str, choices: List[Choice]) -> CompletionResponse:
+            return CompletionResponse(
+                id=response_id, model=body.model,
+                choices=[self._choice(body, p, i, "".join(c.text), c.finish_reason, c.token_ids)
+                         for i, (p, c) in enumerate(zip(prompts, choices))],
+                usage=usage(sum(len(p.token_ids) for p in prompts[::body.n]), [c.final for c in choices if c.final]),
+            )
+
+        return await self.respond(body, request, prompts, "cmpl",
+                                  lambda rid, deltas, with_usage: self._chunks(body, prompts, rid, deltas,
+                                                                               with_usage),
+                                  build)
+
+    def prompts(self, request: CompletionRequest) -> List[Prompt]:
+        refuse_unsupported(request)
+        builder, context = self.builder, self.builder.context
+        prompts = []
+        for text, ids in self._ids(request.prompt):
+            if len(ids) + (request.max_tokens or 1) > context:
+                raise too_long(len(ids), request.max_tokens, context - (request.max_tokens or 1), context,
+                               param="prompt")
+            sampling = builder.sampling(request, request.max_tokens or context - len(ids))
+            # Decoded before the new ids (specials left out), so the first new word keeps its space.
+            prefix = tuple(ids[after_last_special(ids, builder.tokenizer.all_special_ids):])
+            prompts += [Prompt(tuple(ids), builder.seeded(sampling, i), kind="completion", decode_prefix=prefix,
+                               echo=request.echo, message=text) for i in range(request.n)]
+        return prompts
+
+    def _ids(self, prompt: Any) -> List[Tuple[str, List[int]]]:
+        """``(text, ids)`` of each prompt: BOS + the text's ids, or token ids as given (text ``''``)."""
+        tokenizer = self.builder.tokenizer
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt: must not be empty", param="prompt")
+        if isinstance(prompt[0], int):
+            prompt = [prompt]
+        rows = []
+        for row in prompt:
+            if isinstance(row, str):
+                rows.append((row, [tokenizer.bos_token_id, *tokenizer.encode(row)]))
+                continue
+            bad = [t for t in row if not 0 <= t < tokenizer.vocab_size]
+            if not row or bad:
+                what = f"token id {bad[0]} is outside the vocabulary (0..{tokenizer.vocab_size - 1})" \
+                    if bad else "an empty list of token ids"
+                raise APIError(400, f"prompt: {what}", param="prompt")
+            rows.append(("", list(row)))  # ids taken as given (no BOS added), as OpenAI and vLLM do
+        return rows
+
+    def _choice(self, body: CompletionRequest, prompt: Prompt, index: int, text: str,
+                finish_reason: Optional[str], token_ids: List[int]) -> CompletionChoice:
+        if body.echo and text is not None:
+            text = self._prompt_text(prompt) + text
+        return CompletionChoice(index=index, text=text, finish_reason=finish_reason,
+                                token_ids=token_ids if body.return_token_ids else None,
+                                prompt_token_ids=list(prompt.token_ids) if body.return_token_ids else None)
+
+    def _prompt_text(self, prompt: Prompt) -> str:
+        """What ``echo`` puts before the completion: the prompt as sent, or its ids decoded."""
+        return prompt.message or self.builder.tokenizer.decode(prompt.token_ids, skip_special_tokens=True)
+
+    async def _chunks(self, body: CompletionRequest, prompts: List[Prompt], response_id: str, deltas: Deltas,
+                      include_usage: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+        echoed = set()
+        finals: List[TextDelta] = []
+        async for index, delta in deltas:
+            reason = FINISH_REASONS.get(delta.finish_reason, delta.finish_reason)
+            text = delta.text
+            if body.echo and index not in echoed:
+                echoed.add(index)
+                text = self._prompt_text(prompts[index]) + text
+            if text or reason:
+                choice = CompletionChoice(index=index, text=text, finish_reason=reason,
+                                          token_ids=list(delta.token_ids) if body.return_token_ids else None)
+                yield sse(CompletionResponse(id=response_id, created=created, model=body.model, choices=[choice]))
+            if delta.finish_reason is not None:
+                finals.append(delta)
+        if include_usage:
+            use = usage(sum(len(p.token_ids) for p in prompts[::body.n]), finals)
+            yield sse(CompletionResponse(id=response_id, created=created, model=body.model, choices=[], usage=use))
+
+
+def after_last_special(ids: Sequence[int], special: Sequence[int]) -> int:
+    """The index after the last special token in ``ids`` (0 when there is none)."""
+    positions = [i for i, t in enumerate(ids) if t in special]
+    return positions[-1] + 1 if positions else 0
