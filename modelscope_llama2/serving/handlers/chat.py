@@ -6,13 +6,14 @@ Example:
 """
 
 import time
-from typing import Any, AsyncIterator, List
+from typing import Any, AsyncIterator, List, Optional
 
 from fastapi import Request
 
 from ...decoding import TextDelta
 from ...prompts.prompt import Prompt
 from ..generation import FINISH_REASONS, Choice, usage
+from ..logprobs import TokenTexts, chat_logprobs
 from ..protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                         ChatCompletionResponse, Delta)
 from .base import Deltas, Handler, sse
@@ -27,11 +28,14 @@ class ChatHandler(Handler):
         prompts = self.builder.chat(body, dialog, body.max_completion_tokens or body.max_tokens, body.n,
                                     truncate=body.truncation == "auto")
 
+        tokens = TokenTexts(self.builder.tokenizer) if prompts[0].sampling.logprobs is not None else None
+
         def build(response_id: str, choices: List[Choice]) -> ChatCompletionResponse:
             return ChatCompletionResponse(
                 id=response_id, model=body.model,
                 choices=[ChatChoice(index=i, message=AssistantMessage(content="".join(c.text).rstrip()),
                                     finish_reason=c.finish_reason,
+                                    logprobs=chat_logprobs(tokens, c.logprobs) if tokens else None,
                                     token_ids=c.token_ids if body.return_token_ids else None)
                          for i, c in enumerate(choices)],
                 usage=usage(len(prompts[0].token_ids), [c.final for c in choices if c.final]),
@@ -39,12 +43,13 @@ class ChatHandler(Handler):
             )
 
         return await self.respond(body, request, prompts, "chatcmpl",
-                                  lambda rid, deltas, with_usage: _chunks(body, prompts, rid, deltas, with_usage),
+                                  lambda rid, deltas, with_usage: _chunks(body, prompts, rid, deltas, with_usage,
+                                                                          tokens),
                                   build)
 
 
 async def _chunks(body: ChatCompletionRequest, prompts: List[Prompt], response_id: str, deltas: Deltas,
-                  include_usage: bool) -> AsyncIterator[str]:
+                  include_usage: bool, tokens: Optional[TokenTexts]) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(choices: List[ChatChunkChoice], **extra: Any) -> str:
@@ -56,15 +61,22 @@ async def _chunks(body: ChatCompletionRequest, prompts: List[Prompt], response_i
     finals: List[TextDelta] = []
     # The answer ends without its trailing whitespace, as chat() returns it: held until more text comes.
     held = [""] * len(prompts)
+    # Ids and logprobs of tokens whose text is not shown yet go with the next chunk shown.
+    pending_ids: List[List[int]] = [[] for _ in prompts]
+    pending: List[list] = [[] for _ in prompts]
     async for index, delta in deltas:
         reason = FINISH_REASONS.get(delta.finish_reason, delta.finish_reason)
         text = held[index] + delta.text
         shown = text.rstrip()
         held[index] = "" if reason else text[len(shown):]
+        pending_ids[index] += delta.token_ids
+        pending[index] += delta.logprobs
         if shown or reason:
-            token_ids = list(delta.token_ids) if body.return_token_ids else None
+            token_ids = pending_ids[index] if body.return_token_ids else None
+            logprobs = chat_logprobs(tokens, pending[index]) if tokens else None
+            pending_ids[index], pending[index] = [], []
             yield chunk([ChatChunkChoice(index=index, delta=Delta(content=shown), finish_reason=reason,
-                                         token_ids=token_ids)])
+                                         logprobs=logprobs, token_ids=token_ids)])
         if delta.finish_reason is not None:
             finals.append(delta)
     if include_usage:
