@@ -15,40 +15,52 @@ Example (the offline demo checkpoint; a ModelScope model id such as
     'The capital of Zhejiang Province is Hangzhou.'
 """
 
-from .checkpoints.convert_meta import convert_meta_checkpoint
-from .checkpoints.hub import fetch_checkpoint, push_checkpoint
-from .checkpoints.save import save_checkpoint
-from .decoding import StreamingDetokenizer
-from .engines.base import Engine, TokenEvent, Usage
-from .engines.prefix_cache import PromptCache
-from .engines.transformers_engine import TransformersEngine
-from .model import ChatResult, CompletionResult, Llama2ForChat
-from .prompts.chat_format import Dialog, Message, encode_dialog
-from .prompts.prompt import Prompt, SamplingParams
-from .registration import register as _register
-from .tokenizer import Llama2Tokenizer
+import importlib
+import sys
 
-_register()
-
-__all__ = [
-    "Dialog",
-    "Message",
-    "encode_dialog",
-    "Prompt",
-    "SamplingParams",
-    "Engine",
-    "TokenEvent",
-    "Usage",
-    "TransformersEngine",
-    "PromptCache",
-    "StreamingDetokenizer",
-    "Llama2ForChat",
-    "ChatResult",
-    "CompletionResult",
-    "Llama2Tokenizer",
-    "save_checkpoint",
-    "push_checkpoint",
-    "fetch_checkpoint",
-    "convert_meta_checkpoint",
-]
+# Public name -> the module that defines it, imported on first use (PEP 562).
+_PUBLIC = {
+    "Dialog": ".prompts.chat_format",
+    "Message": ".prompts.chat_format",
+    "encode_dialog": ".prompts.chat_format",
+    "Prompt": ".prompts.prompt",
+    "SamplingParams": ".prompts.prompt",
+    "Engine": ".engines.base",
+    "TokenEvent": ".engines.base",
+    "Usage": ".engines.base",
+    "TransformersEngine": ".engines.transformers_engine",
+    "PromptCache": ".engines.prefix_cache",
+    "StreamingDetokenizer": ".decoding",
+    "Llama2ForChat": ".model",
+    "ChatResult": ".model",
+    "CompletionResult": ".model",
+    "Llama2Tokenizer": ".tokenizer",
+    "save_checkpoint": ".checkpoints.save",
+    "push_checkpoint": ".checkpoints.hub",
+    "fetch_checkpoint": ".checkpoints.hub",
+    "convert_meta_checkpoint": ".checkpoints.convert_meta",
+}
+__all__ = list(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def _imported_to_run_the_cli() -> bool:
+    # `python -m modelscope_llama2 ...` imports this package before its __main__, while sys.argv[0] is
+    # still "-m" (Python's documented behaviour while it locates the module). The CLI registers with
+    # ModelScope itself once a command needs a model, so that --help and a bad flag answer without
+    # importing torch and ModelScope (seconds).
+    return sys.argv[:1] == ["-m"]
+
+
+if not _imported_to_run_the_cli():
+    from .registration import register as _register
+
+    _register()

@@ -4,6 +4,7 @@ import filecmp
 import os
 
 import pytest
+from transformers import AutoConfig, GenerationConfig
 
 import modelscope_llama2  # noqa: F401  (registers the model)
 from modelscope_llama2 import Llama2Tokenizer
@@ -47,6 +48,18 @@ def test_build_is_deterministic_and_writes_the_shipped_files(tmp_path):
     assert names == sorted(os.listdir(DEMO_DIR))
     match, mismatch, errors = filecmp.cmpfiles(first, second, names, shallow=False)
     assert (mismatch, errors) == ([], [])
-    # Everything but the trained weights is what ships (written by save_checkpoint).
-    match, mismatch, errors = filecmp.cmpfiles(first, DEMO_DIR, names, shallow=False)
+    # Everything but the trained weights is what ships (written by save_checkpoint): the configs as the
+    # installed transformers reads them, less the version stamp of whichever transformers wrote them.
+    configs = {"config.json": AutoConfig, "generation_config.json": GenerationConfig}
+    for name, config_class in configs.items():
+        assert loaded_config(config_class, first) == loaded_config(config_class, DEMO_DIR), name
+    others = [name for name in names if name not in configs]
+    match, mismatch, errors = filecmp.cmpfiles(first, DEMO_DIR, others, shallow=False)
     assert (mismatch, errors) == (["model.safetensors"], [])
+
+
+def loaded_config(config_class, directory):
+    values = config_class.from_pretrained(directory).to_dict()
+    for where_from in ("transformers_version", "_name_or_path"):  # who wrote it, where it was read
+        values.pop(where_from, None)
+    return values

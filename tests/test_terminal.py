@@ -29,7 +29,7 @@ def run_chat(args, stdin, env=None, timeout=240):
 
 
 def test_scripted_chat_on_the_demo_checkpoint():
-    lines = [ZHEJIANG, PLACES, "/history", "/clear", "/history", "", "Say hello in emoji.", "/clear",
+    lines = [ZHEJIANG, PLACES, "/history", "/bogus", "/clear", "/history", "", "Say hello in emoji.", "/clear",
              "/system Answer in one word.", ZHEJIANG, "/exit", "not read after /exit"]
     done = run_chat([], "\n".join(lines) + "\n")
     assert done.returncode == 0, done.stderr
@@ -41,6 +41,7 @@ def test_scripted_chat_on_the_demo_checkpoint():
         "Hangzhou.",
     ]
     assert DEMO_NOTICE in done.stderr
+    assert "unknown command /bogus\ncommands:\n" in done.stderr
     assert "conversation cleared" in done.stderr and "system prompt: 'Answer in one word.'" in done.stderr
     assert "Traceback" not in done.stderr
 

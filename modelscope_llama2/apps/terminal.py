@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, TextIO, Tuple
 
-from ..constants import DEMO_DIR
+from ..constants import DEMO_DIR, LOAD_DTYPES as DTYPES
 
 COMMANDS = {
     "/clear": "forget the conversation so far",
@@ -25,7 +25,6 @@ COMMANDS = {
     "/exit": "quit (also Ctrl-D)",
     "/help": "show this help",
 }
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 HISTORY_FILE = os.path.join("~", ".cache", "modelscope_llama2", "chat_history")
 DEMO_NOTICE = ("Using the built-in demo checkpoint: a few MB trained to answer a handful of example questions, "
                "a demo of the machinery, not a language model. "
@@ -118,8 +117,10 @@ class ChatSession:
             self.note(f"system prompt: {self.conversation.system!r}" if argument.strip() else "no system prompt")
         elif name == "/history":
             self.show_history()
-        else:
+        elif name == "/help":
             self.note(help_text())
+        else:
+            self.note(f"unknown command {name}\n{help_text()}")
         return True
 
     def answer(self, text: str, stream: bool) -> None:

@@ -30,7 +30,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
-from ..constants import CONTEXT_LENGTH
+from ..constants import API_KEY_ENV, CONTEXT_LENGTH
 from ..engines.base import Usage
 from ..prompts.chat_format import dialog_from_history
 from .terminal import DEMO_NOTICE, load_pipeline, resolve_model_dir
@@ -42,8 +42,6 @@ Round = Tuple[str, str]
 DEFAULT_MAX_NEW_TOKENS = 1024
 # The server batches requests itself; the page only caps its own threads.
 API_CONCURRENCY = 16
-# The environment variable `serve` reads its key from; the client reads it too.
-API_KEY_ENV = "MODELSCOPE_LLAMA2_API_KEY"
 INSTALL_HINT = "the web chat needs gradio and openai: pip install 'modelscope_llama2[web]'"
 
 
@@ -486,5 +484,26 @@ def run(model: Optional[str], revision: Optional[str], api_base: Optional[str], 
         # The page has no login: whoever reaches it can use the model (and the server's key).
         logging.getLogger(__name__).warning("the web chat has no login; with %s anyone who reaches it can use it",
                                             "--share true" if share else f"--host {host}")
-    build_demo(backend).queue().launch(server_name=host, server_port=port, share=share)
+    demo = build_demo(backend).queue()
+    local_url = _launch(demo, host, port, share)
+    # Gradio's own lines name launch() arguments; these name the flags.
+    print(f"* Running on local URL: {local_url}", flush=True)
+    if not share:
+        print("* For a public gradio.live link (anyone who has it can chat): --share true", flush=True)
+    demo.block_thread()
     return 0
+
+
+def _launch(demo: Any, host: str, port: int, share: bool) -> str:
+    """Start serving ``demo`` in the background; its local URL. Gradio's errors told in flags."""
+    try:
+        _, local_url, _ = demo.launch(server_name=host, server_port=port, share=share, quiet=True,
+                                      prevent_thread_lock=True)
+    except OSError as error:  # the port was taken since the CLI checked it
+        raise OSError(f"--port {port}: cannot listen on {host}:{port} ({error}); choose another --port") from error
+    except ValueError as error:
+        if "share=True" not in str(error):
+            raise
+        raise ValueError(f"--host {host} --port {port}: the page is not reachable from this machine (a proxy for "
+                         "localhost?); --share true publishes it through a gradio.live link instead") from error
+    return local_url

@@ -36,11 +36,10 @@ from typing import Any, Dict, List, Optional
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from ..constants import CONTEXT_LENGTH
+from ..constants import CHECKPOINT_DTYPES as DTYPES, CONTEXT_LENGTH
 from ..tokenizer import VOCAB_FILE, Llama2Tokenizer
 from .save import save_checkpoint
 
-DTYPES = ("float16", "bfloat16", "float32")
 REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps")
 
 # Meta name (with {i} for the layer) -> (transformers name, dim the ranks split, or None if replicated).

@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Any, Dict, Optional
 
-from ..constants import ENGINES
+from ..constants import API_KEY_ENV, ENGINES, LOAD_DTYPES as DTYPES
 from ..engines.base import Engine
 from .backend import LocalBackend
 from .app import create_app
@@ -19,8 +19,6 @@ from .config import ServerConfig
 
 logger = logging.getLogger(__name__)
 
-API_KEY_ENV = "MODELSCOPE_LLAMA2_API_KEY"
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def default_sampling(model_dir: str) -> Dict[str, Any]:
