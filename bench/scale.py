@@ -97,7 +97,7 @@ def run_router(model_dir: str, router: str, port: int) -> Dict[str, object]:
     from modelscope_llama2.serving.config import ServerConfig
     from modelscope_llama2.serving.ray import EngineSpec, ScaleSpec, build_application
 
-    engine = EngineSpec(model_dir, device="cpu", prefix_cache_entries=CONVERSATIONS, max_concurrent=1)
+    engine = EngineSpec(model_dir, device="cpu", max_concurrent=8)
     scale = ScaleSpec(replicas=2, replica_cpus=0.75, router=router)
     serve.run(build_application(engine, ServerConfig(MODEL), scale), name=router, route_prefix="/")
     try:

@@ -176,7 +176,9 @@ def _run_serve_on_ray(args: argparse.Namespace, model_dir: str, name: str) -> in
     # A hub id is fetched by each replica on its own node; a directory must exist on every node.
     local = args.model is None or os.path.isdir(os.path.expanduser(args.model))
     engine = on_ray.EngineSpec(model_dir if local else args.model, revision=None if local else args.revision,
-                               engine=args.engine, dtype=args.dtype, device=args.device)
+                               engine=args.engine, dtype=args.dtype, device=args.device,
+                               # Each replica batches all Serve lets it hold: nothing waits inside it.
+                               max_concurrent=args.max_ongoing_requests)
     config = ServerConfig(name, api_key=args.api_key, default_sampling=default_sampling(model_dir),
                           max_running=args.max_running, max_waiting=args.max_waiting)
     scale = on_ray.ScaleSpec(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,

@@ -1,20 +1,45 @@
-"""Logprobs, prompt logprobs, penalties, ignore_eos and min_new_tokens on the transformers engines.
+"""Logprobs, prompt logprobs, penalties, ignore_eos and min_new_tokens on the eager and batching engines.
 
 The reference is independent of the engines: one plain forward of the same
 transformers model over prompt + generated ids, and ``torch.log_softmax``
-here, in the test.
+here, in the test. The batching engine prefills in chunks of 4 tokens here,
+so prompt logprobs are gathered over several forwards.
 """
 
 import pytest
 import torch
 
 from modelscope_llama2.constants import EOS_ID
-from modelscope_llama2.engines.continuous_batching import GREEDY, ContinuousBatchingEngine
-from modelscope_llama2.engines.transformers_engine import TransformersEngine
+from modelscope_llama2.engines.batching import BatchingEngine
 from modelscope_llama2.prompts.prompt import Prompt, SamplingParams
 from tests.helpers import SCRIPT
 
 TOL = 1e-4
+GREEDY = {"do_sample": False}
+
+
+@pytest.fixture(scope="module")
+def batching_engines(_tiny_model, scripted_model):
+    engines = {name: BatchingEngine(model, max_batch_size=4, kv_cache_bytes=64 << 20, max_batch_tokens=4)
+               for name, model in (("tiny", _tiny_model), ("scripted", scripted_model))}
+    yield engines
+    for engine in engines.values():
+        engine.close()
+
+
+@pytest.fixture(params=["eager", "batching"])
+def tiny_engine(request, tiny_model):
+    """The tiny random model's engine (eager, with a fresh prefix cache, or batching) and the model."""
+    if request.param == "eager":
+        return tiny_model.engine, tiny_model
+    return request.getfixturevalue("batching_engines")["tiny"], tiny_model
+
+
+@pytest.fixture(params=["eager", "batching"])
+def scripted_engine(request, scripted_model):
+    if request.param == "eager":
+        return scripted_model.engine
+    return request.getfixturevalue("batching_engines")["scripted"]
 
 
 def reference_logprobs(model, ids):
@@ -53,21 +78,23 @@ def assert_matches_reference(model, prompt, ids, logprobs, k):
         assert [lp for _, lp in entry.top] == pytest.approx(values.tolist(), abs=TOL)
 
 
-def test_greedy_logprobs_equal_a_plain_forward(tiny_model, tokenizer):
+def test_greedy_logprobs_equal_a_plain_forward(tiny_engine, tokenizer):
+    engine, tiny_model = tiny_engine
     prompt = prompt_of(tokenizer, "Where is West Lake?", logprobs=3, options=GREEDY)
-    ids, logprobs, scored, final = run(tiny_model.engine, [prompt])[prompt.request_id]
+    ids, logprobs, scored, final = run(engine, [prompt])[prompt.request_id]
     assert len(ids) == final.usage.completion_tokens > 0 and scored is None
     assert_matches_reference(tiny_model, prompt, ids, logprobs, 3)
     # Greedy: the chosen token is the most likely one.
     assert all(entry.top[0][0] == entry.token_id for entry in logprobs)
 
 
-def test_sampled_logprobs_are_raw_whatever_the_sampling_settings(tiny_model, tokenizer):
+def test_sampled_logprobs_are_raw_whatever_the_sampling_settings(tiny_engine, tokenizer):
+    engine, tiny_model = tiny_engine
     greedy = prompt_of(tokenizer, "Hello there", logprobs=2, options=GREEDY)
     sampled = prompt_of(tokenizer, "Hello there", logprobs=2, seed=5,
                         options={"do_sample": True, "temperature": 0.3, "top_k": 3, "repetition_penalty": 1.5})
-    got = run(tiny_model.engine, [greedy])[greedy.request_id]
-    got_sampled = run(tiny_model.engine, [sampled])[sampled.request_id]
+    got = run(engine, [greedy])[greedy.request_id]
+    got_sampled = run(engine, [sampled])[sampled.request_id]
     assert_matches_reference(tiny_model, sampled, got_sampled[0], got_sampled[1], 2)
     # The same token after the same prefix reports the same number, greedy or sampled.
     same = 0
@@ -79,11 +106,15 @@ def test_sampled_logprobs_are_raw_whatever_the_sampling_settings(tiny_model, tok
     assert same > 0
 
 
-def test_prompt_logprobs_score_every_prompt_token_but_the_first(tiny_model, tokenizer):
-    prompt = prompt_of(tokenizer, "Numbers: 0123", max_new_tokens=0, prompt_logprobs=2)
-    (ids, logprobs, scored, final), = run(tiny_model.engine, [prompt]).values()
-    assert (ids, logprobs, final.finish_reason) == ([], [], "length")
-    assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (len(prompt.token_ids), 0)
+@pytest.mark.parametrize("max_new_tokens", [0, 3])
+def test_prompt_logprobs_score_every_prompt_token_but_the_first(tiny_engine, tokenizer, max_new_tokens):
+    engine, tiny_model = tiny_engine
+    prompt = prompt_of(tokenizer, "Numbers: 0123", max_new_tokens=max_new_tokens, prompt_logprobs=2, options=GREEDY)
+    # The same prompt once more first: an engine must not score from a reused KV cache it skips.
+    run(engine, [prompt_of(tokenizer, "Numbers: 0123", max_new_tokens=2, options=GREEDY)])
+    (ids, logprobs, scored, final), = run(engine, [prompt]).values()
+    assert (len(ids), logprobs, final.finish_reason) == (max_new_tokens, [], "length")
+    assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (len(prompt.token_ids), max_new_tokens)
     ref = reference_logprobs(tiny_model, list(prompt.token_ids))
     assert scored[0] is None and len(scored) == len(prompt.token_ids)
     for i, entry in enumerate(scored[1:], start=1):
@@ -92,8 +123,8 @@ def test_prompt_logprobs_score_every_prompt_token_but_the_first(tiny_model, toke
         assert [t for t, _ in entry.top] == torch.topk(ref[i - 1], 2).indices.tolist()
 
 
-def test_a_batch_reports_each_rows_own_logprobs(tiny_model, tokenizer):
-    engine = tiny_model.engine
+def test_a_batch_reports_each_rows_own_logprobs(tiny_engine, tokenizer):
+    engine, tiny_model = tiny_engine
     texts = ["Hi", "Where is the capital of Zhejiang?"]
     batch = [prompt_of(tokenizer, t, logprobs=1, prompt_logprobs=0, options=GREEDY) for t in texts]
     batch[1] = Prompt(batch[1].token_ids, SamplingParams(max_new_tokens=12, options=GREEDY))  # this one asks for none
@@ -104,13 +135,14 @@ def test_a_batch_reports_each_rows_own_logprobs(tiny_model, tokenizer):
     assert got[batch[1].request_id][1:3] == ([], None)
 
 
-def test_penalties_follow_openais_formula(tiny_model, tokenizer):
+def test_penalties_follow_openais_formula(tiny_engine, tokenizer):
+    engine, tiny_model = tiny_engine
     frequency, presence = 1.5, 2.0
     options = {**GREEDY, "frequency_penalty": frequency, "presence_penalty": presence}
     penalized = prompt_of(tokenizer, "Tabs and spaces", max_new_tokens=40, options=options)
     plain = prompt_of(tokenizer, "Tabs and spaces", max_new_tokens=40, options=GREEDY)
-    ids = run(tiny_model.engine, [penalized])[penalized.request_id][0]
-    assert ids != run(tiny_model.engine, [plain])[plain.request_id][0]
+    ids = run(engine, [penalized])[penalized.request_id][0]
+    assert ids != run(engine, [plain])[plain.request_id][0]
     with torch.inference_mode():
         logits = tiny_model(input_ids=torch.tensor([list(penalized.token_ids) + ids])).logits[0]
     start = len(penalized.token_ids) - 1
@@ -120,60 +152,20 @@ def test_penalties_follow_openais_formula(tiny_model, tokenizer):
         assert token == int(expected.argmax())
 
 
-def test_ignore_eos_runs_to_the_token_limit(scripted_model, tokenizer):
+def test_ignore_eos_runs_to_the_token_limit(scripted_engine, tokenizer):
     prompt = prompt_of(tokenizer, "x", max_new_tokens=20, ignore_eos=True, options=GREEDY)
-    ids, _, _, final = run(scripted_model.engine, [prompt])[prompt.request_id]
+    ids, _, _, final = run(scripted_engine, [prompt])[prompt.request_id]
     script = tokenizer.encode(SCRIPT)
     assert (final.finish_reason, len(ids), final.usage.completion_tokens) == ("length", 20, 20)
     assert ids[:len(script) + 1] == script + [EOS_ID]
 
 
-def test_min_new_tokens_keeps_eos_away(scripted_model, tokenizer):
+def test_min_new_tokens_keeps_eos_away(scripted_engine, tokenizer):
     script = tokenizer.encode(SCRIPT)
     prompt = prompt_of(tokenizer, "x", max_new_tokens=30, options={**GREEDY, "min_new_tokens": len(script) + 3})
-    ids, _, _, final = run(scripted_model.engine, [prompt])[prompt.request_id]
+    ids, _, _, final = run(scripted_engine, [prompt])[prompt.request_id]
     assert ids[:len(script)] == script and EOS_ID not in ids[:len(script) + 3]
     assert len(ids) >= len(script) + 3
-
-
-def _batching_engine(directory):
-    from transformers import AutoModelForCausalLM
-
-    return ContinuousBatchingEngine(AutoModelForCausalLM.from_pretrained(directory).eval())
-
-
-@pytest.fixture(scope="module")
-def batching(tiny_dir):
-    engine = _batching_engine(tiny_dir)
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def scripted_batching(scripted_dir):
-    """The scripted model answers with SCRIPT then EOS: what EOS settings change shows."""
-    engine = _batching_engine(scripted_dir)
-    yield engine
-    engine.close()
-
-
-@pytest.mark.parametrize("engine_name, sampling", [
-    ("batching", dict(logprobs=2)),
-    ("batching", dict(prompt_logprobs=1, max_new_tokens=0)),
-    ("batching", dict(options={**GREEDY, "repetition_penalty": 1.8})),
-    ("batching", dict(options={**GREEDY, "frequency_penalty": 1.5, "presence_penalty": 2.0})),
-    ("scripted_batching", dict(options={**GREEDY, "min_new_tokens": 30})),
-    ("scripted_batching", dict(ignore_eos=True)),
-], ids=["logprobs", "prompt_logprobs", "repetition_penalty", "penalties", "min_new_tokens", "ignore_eos"])
-def test_continuous_batching_never_drops_a_setting(request, tokenizer, engine_name, sampling):
-    """What the batching manager cannot apply goes to its eager fallback: the eager engine's exact result."""
-    batching = request.getfixturevalue(engine_name)
-    prompt = prompt_of(tokenizer, "Tabs and spaces", **{"max_new_tokens": 30, "options": GREEDY, **sampling})
-    expected = run(TransformersEngine(batching.model), [prompt])[prompt.request_id]
-    (ids, logprobs, scored, final), = run(batching, [Prompt(prompt.token_ids, prompt.sampling)]).values()
-    assert (ids, logprobs, scored, final.finish_reason) == expected[:3] + (expected[3].finish_reason,)
-    plain = run(batching, [prompt_of(tokenizer, "Tabs and spaces", max_new_tokens=30, options=GREEDY)])
-    assert (ids, logprobs, scored) != tuple(next(iter(plain.values()))[:3])
 
 
 def test_chat_inputs_take_openais_penalties_in_range():

@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Tupl
 
 from ..constants import API_KEY_ENV, CONTEXT_LENGTH
 from ..engines.base import Usage
+from ..engines.factory import serving_engine
 from ..prompts.chat_format import dialog_from_history
 from .terminal import DEMO_NOTICE, load_pipeline, resolve_model_dir
 
@@ -244,8 +245,8 @@ def default_settings(model_dir: Optional[str]) -> Settings:
 class LocalBackend:
     """Answers in this process through the ModelScope facade: ``model.stream_chat(inputs, tokenizer)``."""
 
-    # One generation at a time on the shared weights; other tabs wait their turn.
-    concurrency_limit = 1
+    # The batching engine runs every tab's answer in the same forward passes.
+    concurrency_limit = API_CONCURRENCY
 
     def __init__(self, model: Any, tokenizer: Any, description: str = ""):
         self.model = model
@@ -340,6 +341,8 @@ def local_backend(model: Optional[str] = None, revision: Optional[str] = None, d
     model_dir = resolve_model_dir(model, revision)
     # The chat pipeline loads through Model.from_pretrained with the terminal chat's device handling.
     pipe = load_pipeline(model_dir, device, dtype)
+    # The serving engine, not the eager one: two tabs answer at once instead of one after the other.
+    pipe.model.engine = serving_engine(pipe.model, max_batch_size=API_CONCURRENCY)
     description = DEMO_NOTICE if model is None else f"Model: `{model}`, in this process on {pipe.model.device}."
     return LocalBackend(pipe.model, pipe.tokenizer, description)
 

@@ -66,7 +66,7 @@ class LocalBackend(Backend):
     """An :class:`Engine` in this process.
 
     An engine that pushes its events (a ``submit(prompt, on_event)`` method,
-    as :class:`~modelscope_llama2.engines.continuous_batching.ContinuousBatchingEngine`
+    as :class:`~modelscope_llama2.engines.batching.BatchingEngine`
     has) hands them straight to the event loop; any other engine's blocking
     ``generate()`` runs in a worker thread per request (at most
     ``max_workers`` at once). Text is decoded on the event loop either way.
