@@ -35,6 +35,7 @@ from .decoding import decode_stream
 from .engines.base import Engine, Usage
 from .engines.prefix_cache import DEFAULT_MAX_BYTES, PromptCache
 from .engines.transformers_engine import TransformersEngine
+from .prompts.chat_format import answer_text
 from .prompts.prompt import Prompt
 from .prompts.requests import (
     chat_prompt,
@@ -233,7 +234,7 @@ def shape_result(prompt: Prompt, text: str, finish_reason: Optional[str], usage:
     if prompt.kind == "completion":
         return CompletionResult(text=prompt.message + text if prompt.echo else text, finish_reason=finish_reason,
                                 usage=usage_dict)
-    response = text.strip()
+    response = answer_text(text)
     return ChatResult(response=response, history=[*prompt.history, (prompt.message, response)],
                       finish_reason=finish_reason, usage=usage_dict, dropped_rounds=prompt.dropped_rounds)
 

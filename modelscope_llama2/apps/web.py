@@ -72,7 +72,7 @@ class Partial:
     """What a backend streams: the answer so far; the last one has ``finish_reason`` and ``usage``.
 
     ``dropped_rounds``: how many of the oldest rounds were left out of the
-    prompt to fit the context (always 0 through a server, which does not say).
+    prompt to fit the context (through a server: its ``dropped_rounds`` field).
     """
 
     text: str
@@ -308,8 +308,10 @@ class OpenAIBackend:
 
 def _stream_chunks(chunks: Iterator[Any]) -> Iterator[Partial]:
     """Partials from OpenAI chat completion chunks: the deltas joined, then finish reason and usage."""
-    text, shown, finish_reason, usage = "", "", None, None
+    text, shown, finish_reason, usage, dropped = "", "", None, None, 0
     for chunk in chunks:
+        # The server's extension field, in the first chunk of a "truncation": "auto" request.
+        dropped = getattr(chunk, "dropped_rounds", None) or dropped
         if chunk.usage is not None:
             details = chunk.usage.prompt_tokens_details
             usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens,
@@ -323,7 +325,7 @@ def _stream_chunks(chunks: Iterator[Any]) -> Iterator[Partial]:
         if text.strip() != shown:
             shown = text.strip()
             yield Partial(shown)
-    yield Partial(shown, finish_reason or "stop", 0, usage)
+    yield Partial(shown, finish_reason or "stop", dropped, usage)
 
 
 def _api_message(error: Any) -> str:

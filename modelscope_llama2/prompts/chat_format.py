@@ -39,6 +39,42 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 
 
+def answer_text(generated: str) -> str:
+    """An answer as Meta's format keeps it in later rounds, and as ``chat()`` and the server return it: stripped.
+
+    Example:
+        >>> answer_text(" Hangzhou is a city. ")
+        'Hangzhou is a city.'
+    """
+    return generated.strip()
+
+
+class AnswerStream:
+    """:func:`answer_text` for text that arrives in pieces: what each piece adds to the stripped answer.
+
+    Leading whitespace is dropped; trailing whitespace is held back until
+    more text follows it, and dropped at the end, so the pieces returned
+    join to ``answer_text`` of the whole.
+
+    Example:
+        >>> stream = AnswerStream()
+        >>> [stream.feed(piece) for piece in (" ", " Hi", " there ", "\\n")] + [stream.feed("", final=True)]
+        ['', 'Hi', ' there', '', '']
+    """
+
+    def __init__(self) -> None:
+        self._started, self._held = False, ""
+
+    def feed(self, piece: str, final: bool = False) -> str:
+        text = self._held + piece
+        if not self._started:
+            text = text.lstrip()
+            self._started = bool(text)
+        shown = text.rstrip()
+        self._held = "" if final else text[len(shown):]
+        return shown
+
+
 def dialog_from_history(
     text: str,
     history: Sequence[Tuple[str, str]] = (),

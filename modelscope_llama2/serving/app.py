@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP app: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
+"""The OpenAI-compatible HTTP app: chat, completions, responses, models, and vLLM's tokenize routes.
 
 :func:`create_app` builds a FastAPI app over a
 :class:`~modelscope_llama2.serving.backend.Backend`. The app turns each
@@ -34,9 +34,12 @@ from .generation import Generation
 from .handlers.base import RequestBuilder
 from .handlers.chat import ChatHandler
 from .handlers.completion import CompletionHandler
+from .handlers.responses import ResponsesHandler, ResponseStore
+from .handlers.tokenization import TokenizationHandler
 from .metrics import ServerMetrics
 from .middleware import GuardMiddleware
-from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
+                       ModelList, ResponsesRequest, TokenizeRequest, TokenizeResponse, TokenizerInfo)
 
 __all__ = ["ServerConfig", "create_app"]
 
@@ -50,6 +53,8 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
     builder = RequestBuilder(backend, config)
     chat = ChatHandler(builder, generation, metrics)
     completion = CompletionHandler(builder, generation, metrics)
+    responses = ResponsesHandler(builder, generation, metrics, store=ResponseStore(config.responses_store_size))
+    tokenization = TokenizationHandler(builder)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -57,7 +62,7 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
         await backend.close()
 
     app = FastAPI(title="modelscope_llama2 OpenAI-compatible server", lifespan=lifespan, docs_url=None,
-                  redoc_url=None, openapi_url=None)
+                  redoc_url=None, openapi_url="/openapi.json")
     app.state.metrics, app.state.admission, app.state.backend = metrics, admission, backend
     install_error_handlers(app, metrics)
 
@@ -65,9 +70,16 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
     async def health() -> Dict[str, str]:
         return {"status": "ok"}
 
+    card = ModelCard(id=config.served_model_name, max_model_len=backend.context_length)
+
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=config.served_model_name, max_model_len=backend.context_length)])
+        return ModelList(data=[card])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> ModelCard:
+        builder.check_model(model_id)
+        return card
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -80,5 +92,25 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         return await completion.create(body, request)
+
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request) -> Any:
+        return await responses.create(body, request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> Dict[str, Any]:
+        return responses.retrieve(response_id)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        return tokenization.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        return tokenization.detokenize(body)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> TokenizerInfo:
+        return tokenization.info()
 
     return GuardMiddleware(app, config.api_key, config.max_body_bytes)

@@ -16,13 +16,13 @@ import json
 import logging
 import uuid
 from dataclasses import replace
-from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from ...decoding import TextDelta
-from ...prompts.chat_format import PromptTooLong
+from ...prompts.chat_format import PromptTooLong, encode_dialog
 from ...prompts.prompt import Prompt, SamplingParams, new_request_id
 from ...prompts.requests import chat_prompt, parse_chat_inputs
 from ..backend import Backend
@@ -143,6 +143,54 @@ def too_long(prompt_tokens: int, max_tokens: Optional[int], budget: int, context
                             else "."), param=param, code="context_length_exceeded")
 
 
+# Content part types that carry text: chat's ``text``, the Responses API's ``input_text``/``output_text``.
+TEXT_PARTS = ("text", "input_text", "output_text")
+# OpenAI's newer name for the system role.
+ROLE_ALIASES = {"developer": "system"}
+
+
+def dialog_of(messages: Sequence[Any], where: str = "messages") -> List[Dict[str, str]]:
+    """Client messages (``role``, ``content``) to a dialog of ``{role, content}`` strings: the one tolerant rule.
+
+    ``developer`` is the system role; an assistant's ``content: null`` is an
+    empty answer; text parts are joined; any other part (an image, audio, a
+    file) is a 400 naming it, as the model takes text only. Keys without
+    meaning for generation (``name``, ...) never reach the dialog.
+
+    Example:
+        >>> from types import SimpleNamespace as M
+        >>> dialog_of([M(role="developer", content="Be brief."), M(role="user", content=[{"type": "text", "text": "Hi"}]),
+        ...            M(role="assistant", content=None), M(role="user", content="Again")])
+        ... # doctest: +NORMALIZE_WHITESPACE
+        [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'},
+         {'role': 'assistant', 'content': ''}, {'role': 'user', 'content': 'Again'}]
+    """
+    dialog = []
+    for index, message in enumerate(messages):
+        role = ROLE_ALIASES.get(message.role, message.role)
+        dialog.append({"role": role, "content": _text(message.content, role, f"{where}.{index}.content")})
+    return dialog
+
+
+def _text(content: Any, role: str, where: str) -> str:
+    if content is None:
+        if role == "assistant":
+            return ""
+        raise APIError(400, f"{where}: a {role} message needs content", param=where)
+    if isinstance(content, str):
+        return content
+    texts = []
+    for index, part in enumerate(content):
+        kind, text = (part.get("type"), part.get("text")) if isinstance(part, dict) else (part.type, part.text)
+        if kind not in TEXT_PARTS:
+            raise APIError(400, f"{where}.{index}: this model takes text only, not a part of type {kind!r}",
+                           param=f"{where}.{index}")
+        if not isinstance(text, str):
+            raise APIError(400, f"{where}.{index}.text: a part of type {kind!r} needs its text", param=f"{where}.{index}.text")
+        texts.append(text)
+    return "".join(texts)
+
+
 class RequestBuilder:
     """OpenAI requests to Meta-exact :class:`Prompt` objects: the one place every route builds them."""
 
@@ -159,12 +207,13 @@ class RequestBuilder:
                                 f"`{self.config.served_model_name}`.", param="model", code="model_not_found")
 
     def chat(self, request: Any, dialog: List[Dict[str, str]], max_tokens: Optional[int], n: int = 1,
-             truncate: bool = False) -> List[Prompt]:
+             truncate: bool = False, max_tokens_param: str = "max_tokens") -> List[Prompt]:
         """``n`` prompts for a dialog of ``{role, content}`` messages, with ``request``'s sampling."""
         refuse_unsupported(request)
         if max_tokens is not None and max_tokens >= self.context:
-            raise APIError(400, f"max_tokens: {max_tokens} leaves no room for a prompt in this model's context of "
-                                f"{self.context} tokens", param="max_tokens", code="context_length_exceeded")
+            raise APIError(400, f"{max_tokens_param}: {max_tokens} leaves no room for a prompt in this model's "
+                                f"context of {self.context} tokens", param=max_tokens_param,
+                           code="context_length_exceeded")
         inputs: Dict[str, Any] = {"messages": dialog}
         if max_tokens is not None:
             inputs["max_new_tokens"] = max_tokens
@@ -176,6 +225,15 @@ class RequestBuilder:
             raise APIError(400, str(error), param="messages") from None
         sampling = self.sampling(request, prompt.sampling.max_new_tokens)
         return [replace(prompt, sampling=self.seeded(sampling, i), request_id=new_request_id()) for i in range(n)]
+
+    def chat_ids(self, dialog: List[Dict[str, str]]) -> List[int]:
+        """The Meta-exact ids of a whole dialog (no context budget): what ``/tokenize`` answers."""
+        try:
+            chat = parse_chat_inputs({"messages": dialog})
+        except (TypeError, ValueError) as error:
+            raise APIError(400, str(error), param="messages") from None
+        tokenizer = self.tokenizer
+        return encode_dialog(chat.dialog, tokenizer.sp_model.encode, tokenizer.bos_token_id, tokenizer.eos_token_id)
 
     def sampling(self, request: Any, max_new_tokens: int) -> SamplingParams:
         """``request``'s sampling, each option checked against the engine (400 naming the first it lacks)."""
@@ -201,15 +259,32 @@ class RequestBuilder:
         return replace(sampling, seed=sampling.seed + choice)
 
 
-def sse(payload: Any) -> str:
-    """One server-sent event: a pydantic model (``None`` fields left out), a dict, or a plain string."""
+def vocabulary_checked(ids: Sequence[int], vocab_size: int, param: str) -> List[int]:
+    """``ids`` as a list, each checked to be in the vocabulary (400 naming the first that is not).
+
+    Example:
+        >>> vocabulary_checked([1, 31999], 32000, "tokens")
+        [1, 31999]
+    """
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})",
+                       param=param)
+    return list(ids)
+
+
+def sse(payload: Any, event: Optional[str] = None) -> str:
+    """One server-sent event: a pydantic model (``None`` fields left out), a dict, or a plain string.
+
+    ``event`` names it on an ``event:`` line, as the Responses API's stream does.
+    """
     if isinstance(payload, str):
         data = payload
     elif isinstance(payload, dict):
         data = json.dumps(payload)
     else:
         data = payload.model_dump_json(exclude_none=True)
-    return f"data: {data}\n\n"
+    return (f"event: {event}\n" if event else "") + f"data: {data}\n\n"
 
 
 Deltas = AsyncIterator[Tuple[int, TextDelta]]

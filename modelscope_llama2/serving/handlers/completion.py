@@ -16,7 +16,7 @@ from ..errors import APIError
 from ..generation import FINISH_REASONS, Choice, usage
 from ..logprobs import LegacyLogprobs, TokenTexts
 from ..protocol import CompletionChoice, CompletionRequest, CompletionResponse
-from .base import Deltas, Handler, refuse_unsupported, sse, too_long
+from .base import Deltas, Handler, refuse_unsupported, sse, too_long, vocabulary_checked
 
 
 class CompletionHandler(Handler):
@@ -68,12 +68,10 @@ class CompletionHandler(Handler):
             if isinstance(row, str):
                 rows.append((row, [tokenizer.bos_token_id, *tokenizer.encode(row)]))
                 continue
-            bad = [t for t in row if not 0 <= t < tokenizer.vocab_size]
-            if not row or bad:
-                what = f"token id {bad[0]} is outside the vocabulary (0..{tokenizer.vocab_size - 1})" \
-                    if bad else "an empty list of token ids"
-                raise APIError(400, f"prompt: {what}", param="prompt")
-            rows.append(("", list(row)))  # ids taken as given (no BOS added), as OpenAI and vLLM do
+            if not row:
+                raise APIError(400, "prompt: an empty list of token ids", param="prompt")
+            # ids taken as given (no BOS added), as OpenAI and vLLM do
+            rows.append(("", vocabulary_checked(row, tokenizer.vocab_size, "prompt")))
         return rows
 
     def _logprobs(self, body: CompletionRequest, prompt: Prompt, choice: Choice) -> Optional[LegacyLogprobs]:
