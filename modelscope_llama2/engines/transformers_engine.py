@@ -58,18 +58,33 @@ class TransformersEngine(Engine):
     """Eager generation on a transformers ``LlamaForCausalLM`` (or this package's ``Llama2ForChat``).
 
     ``prefix_cache``: where KV caches of recent generations are kept for the
-    next turn (default: a new :class:`PromptCache`).
+    next turn (default: a new :class:`PromptCache`). ``vocab_file``: the
+    checkpoint's ``tokenizer.model``, which structured outputs compile their
+    grammars against (default: the one beside the model's weights).
     """
 
     name = "transformers"
     sampling_options = TRANSFORMERS_OPTIONS
 
-    def __init__(self, model: Any, prefix_cache: Optional[PromptCache] = None):
+    def __init__(self, model: Any, prefix_cache: Optional[PromptCache] = None, vocab_file: Optional[str] = None):
         self.model = model
         self.prefix_cache = prefix_cache if prefix_cache is not None else PromptCache()
         self.context_length = getattr(model.config, "max_position_embeddings", CONTEXT_LENGTH)
+        self.vocab_file = vocab_file
         self._aborted: Dict[str, threading.Event] = {}
         self._lock = threading.Lock()
+
+    def check_sampling(self, sampling: SamplingParams, where: str = "inputs") -> None:
+        """Also compile a structured output's grammar (cached), so a bad schema fails before any model work."""
+        super().check_sampling(sampling, where)
+        if sampling.structured is not None:
+            self._grammar_compiler().compile(sampling.structured, f"{where}['response_format']")
+
+    def _grammar_compiler(self) -> Any:
+        # Imported here: xgrammar is only needed by requests that ask for structured output.
+        from .structured import grammar_compiler
+
+        return grammar_compiler(self.model, self.vocab_file)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -165,6 +180,7 @@ class TransformersEngine(Engine):
         """One ``generate()`` call; returns ``(new token ids [batch, n], the KV cache)``."""
         sampling = rows[0].prompt.sampling
         options, processors = generate_options(sampling, input_ids.shape[1])
+        processors.extend(self._grammar_processors(rows))  # after the penalties: a mask has the last word
         wanted = [row.prompt.sampling.logprobs for row in rows]
         recorder = RawLogits(self.model, wanted) if any(k is not None for k in wanted) else None
         streamer.recorder = recorder
@@ -187,6 +203,17 @@ class TransformersEngine(Engine):
             if recorder is not None:
                 recorder.close()
         return out.sequences[:, input_ids.shape[1]:], out.get(CACHE_KEY)
+
+    def _grammar_processors(self, rows: List["_Row"]) -> LogitsProcessorList:
+        """One grammar per constrained row, as a logits processor; none when no row is constrained."""
+        specs = [row.prompt.sampling.structured for row in rows]
+        if not any(specs):
+            return LogitsProcessorList()
+        from .structured import GrammarLogitsProcessor
+
+        compiler = self._grammar_compiler()
+        grammars = [compiler.request_grammar(spec) if spec is not None else None for spec in specs]
+        return LogitsProcessorList([GrammarLogitsProcessor(grammars, compiler.vocab_size)])
 
     def _input_device(self) -> torch.device:
         # With a device_map the embedding may sit anywhere; inputs go where it is.
@@ -292,16 +319,16 @@ def check_token_ids(prompts: Sequence[Prompt], vocab_size: int) -> None:
 
 
 def check_batchable(prompts: Sequence[Prompt]) -> None:
-    """Several prompts run as one ``generate()`` call: only their token limits and logprobs may differ."""
+    """Several prompts run as one ``generate()`` call: only their token limits, logprobs and grammars may differ."""
     def shared(sampling: SamplingParams) -> tuple:
-        return sampling.stop, sampling.seed, dict(sampling.options), sampling.ignore_eos, sampling.structured
+        return sampling.stop, sampling.seed, dict(sampling.options), sampling.ignore_eos
 
     first = shared(prompts[0].sampling)
     for i, prompt in enumerate(prompts[1:], start=1):
         if shared(prompt.sampling) != first:
             raise ValueError(
                 f"inputs[{i}]: a batch runs as one generate() call, so its generation settings "
-                "(stop, seed, sampling options, ignore_eos, structured output) must equal those of inputs[0]"
+                "(stop, seed, sampling options, ignore_eos) must equal those of inputs[0]"
             )
 
 

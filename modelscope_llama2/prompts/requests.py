@@ -16,7 +16,7 @@ Example:
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from transformers import GenerationConfig
@@ -24,7 +24,9 @@ from transformers import GenerationConfig
 from ..constants import CONTEXT_LENGTH, PENALTY_OPTIONS, PENALTY_RANGE
 from .chat_format import (Dialog, Message, PromptTooLong, check_dialog, dialog_from_history, encode_dialog,
                           fit_dialog)
-from .prompt import Prompt, SamplingParams
+from .prompt import Prompt, SamplingParams, StructuredOutput
+from .structured import parse_response_format
+from .tools import ToolSpec, dialog_from_messages, parse_tools, structured_output, system_with_tools
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +36,10 @@ RESPONSE_RESERVE = 256
 
 # Keys of the input dict that are ours; every other key must be a
 # transformers generation setting (max_new_tokens, temperature, top_p, ...).
-CHAT_KEYS = {"text", "system", "history", "messages", "allow_special_tags"}
+CHAT_KEYS = {"text", "system", "history", "messages", "allow_special_tags", "tools", "tool_choice",
+             "parallel_tool_calls"}
 COMPLETION_KEYS = {"text", "echo"}
-SPEC_KEYS = {"max_length", "max_new_tokens", "stop", "seed"}
+SPEC_KEYS = {"max_length", "max_new_tokens", "stop", "seed", "response_format"}
 _INT_KEYS = {"max_length": 1, "max_new_tokens": 1, "min_new_tokens": 0, "top_k": 0, "seed": 0}
 _GENERATION_DEFAULTS = GenerationConfig()
 # Settings that would change what generate() returns or how, which the chat
@@ -55,6 +58,8 @@ class GenerationSpec:
     stop: Tuple[str, ...] = ()
     seed: Optional[int] = None
     generate_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # Constrained decoding (response_format): the answer follows this grammar.
+    structured: Optional[StructuredOutput] = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class ChatRequest:
     dialog: Dialog
     history: Tuple[Tuple[str, str], ...]
     spec: GenerationSpec
+    tools: Optional[ToolSpec] = None
 
 
 @dataclass(frozen=True)
@@ -74,18 +80,35 @@ class CompletionRequest:
 def parse_chat_inputs(inputs: Any, where: str = "inputs") -> ChatRequest:
     """Validate a ``chat()`` input dict.
 
+    ``tools`` (OpenAI's function definitions), ``tool_choice`` and
+    ``parallel_tool_calls`` put the tools into the system message and
+    constrain the answer to the tool-call format (:mod:`.tools`); messages
+    may then hold assistant ``tool_calls`` and ``tool`` results.
+
     Example:
         >>> request = parse_chat_inputs({"text": "Hi", "history": [("a", "b")], "max_new_tokens": 8})
         >>> [m["role"] for m in request.dialog], request.spec.max_new_tokens
         (['user', 'assistant', 'user'], 8)
     """
     _require_dict(inputs, where)
+    tools = parse_tools(inputs.get("tools"), inputs.get("tool_choice"), inputs.get("parallel_tool_calls"),
+                        f"{where}.")
+    spec = _parse_spec(inputs, CHAT_KEYS, where)
+    if tools is not None and tools.active:
+        if spec.structured is not None:
+            raise ValueError(f"{where}['response_format']: cannot be combined with tools (send tool_choice "
+                             "'none' to answer in a format without tools)")
+        spec = replace(spec, structured=structured_output(tools))
     if "messages" in inputs:
         if {"text", "history", "system"} & set(inputs):
             raise ValueError(f"{where}: give either 'messages' or 'text'/'history'/'system', not both")
-        dialog = [dict(message) for message in _require_list(inputs["messages"], f"{where}['messages']")]
+        messages = _require_list(inputs["messages"], f"{where}['messages']")
+        if any(isinstance(m, Mapping) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages):
+            dialog = dialog_from_messages(messages, f"{where}['messages']")
+        else:
+            dialog = [dict(message) for message in messages]
         check_dialog(dialog, allow_special_tags=_bool(inputs, "allow_special_tags", where))
-        return ChatRequest(dialog, _history_of(dialog), _parse_spec(inputs, CHAT_KEYS, where))
+        return ChatRequest(_with_tools(dialog, tools), _history_of(dialog), spec, tools)
     text = _require_text(inputs, where)
     system = inputs.get("system")
     if system is not None and not isinstance(system, str):
@@ -93,7 +116,16 @@ def parse_chat_inputs(inputs: Any, where: str = "inputs") -> ChatRequest:
     history = _parse_history(inputs.get("history"), f"{where}['history']")
     dialog = dialog_from_history(text, history, system)
     check_dialog(dialog, allow_special_tags=_bool(inputs, "allow_special_tags", where))
-    return ChatRequest(dialog, history, _parse_spec(inputs, CHAT_KEYS, where))
+    return ChatRequest(_with_tools(dialog, tools), history, spec, tools)
+
+
+def _with_tools(dialog: Dialog, tools: Optional[ToolSpec]) -> Dialog:
+    """The dialog with the tools in its system message (after the caller's own, checked, system text)."""
+    if tools is None or not tools.active:
+        return dialog
+    if dialog[0]["role"] == "system":
+        return [{"role": "system", "content": system_with_tools(dialog[0]["content"], tools)}, *dialog[1:]]
+    return [{"role": "system", "content": system_with_tools(None, tools)}, *dialog]
 
 
 def parse_completion_inputs(inputs: Any, where: str = "inputs") -> CompletionRequest:
@@ -136,6 +168,7 @@ def chat_prompt(request: ChatRequest, tokenizer, context_length: int = CONTEXT_L
         message=request.dialog[-1]["content"],
         history=request.history,
         dropped_rounds=dropped,
+        tools=request.tools if request.tools is not None and request.tools.active else None,
     )
 
 
@@ -174,6 +207,7 @@ def _sampling(spec: "GenerationSpec", limit: int, prompt_len: int) -> SamplingPa
         stop=spec.stop,
         seed=spec.seed,
         options=dict(spec.generate_kwargs),
+        structured=spec.structured,
     )
 
 
@@ -213,6 +247,7 @@ def _parse_spec(inputs: Mapping[str, Any], own_keys: set, where: str) -> Generat
         stop=_parse_stop(inputs.get("stop"), f"{where}['stop']"),
         seed=inputs.get("seed"),
         generate_kwargs=generate_kwargs,
+        structured=parse_response_format(inputs.get("response_format"), f"{where}['response_format']"),
     )
 
 

@@ -110,9 +110,14 @@ class BatchingEngine(Engine):
 
     def check_sampling(self, sampling: SamplingParams, where: str = "inputs") -> None:
         super().check_sampling(sampling, where)
-        if sampling.structured is not None:
-            # TODO(structured engineer): engines/structured.py gives a matcher; RowSampling.constraint takes it.
-            raise ValueError(f"{where}['structured']: not supported by the {self.name} engine yet")
+        if sampling.structured is not None:  # compiled now (cached), so a bad schema fails before any model work
+            self._grammars().compile(sampling.structured, f"{where}['response_format']")
+
+    def _grammars(self) -> Any:
+        # Imported here: xgrammar is only needed by requests that ask for structured output.
+        from ..structured import grammar_compiler
+
+        return grammar_compiler(self.model)
 
     def submit(self, prompt: Prompt, on_event: Callable[[TokenEvent], None]) -> None:
         """Start generating for ``prompt``; ``on_event`` gets its events, from the engine's thread.
@@ -126,7 +131,10 @@ class BatchingEngine(Engine):
         if len(prompt.token_ids) >= self.context_length:
             raise ValueError(f"token_ids: {len(prompt.token_ids)} prompt tokens leave no room to generate in "
                              f"the {self.context_length}-token context")
-        request = _Request(prompt, on_event, row_sampling(prompt.sampling, self._defaults, self._logits_device()))
+        row = row_sampling(prompt.sampling, self._defaults, self._logits_device())
+        if prompt.sampling.structured is not None:
+            row.constraint = self._grammars().request_grammar(prompt.sampling.structured)
+        request = _Request(prompt, on_event, row)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batching engine is closed")
