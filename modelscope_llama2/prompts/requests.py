@@ -94,11 +94,9 @@ def parse_chat_inputs(inputs: Any, where: str = "inputs") -> ChatRequest:
     tools = parse_tools(inputs.get("tools"), inputs.get("tool_choice"), inputs.get("parallel_tool_calls"),
                         f"{where}.")
     spec = _parse_spec(inputs, CHAT_KEYS, where)
-    if tools is not None and tools.active:
-        if spec.structured is not None:
-            raise ValueError(f"{where}['response_format']: cannot be combined with tools (send tool_choice "
-                             "'none' to answer in a format without tools)")
-        spec = replace(spec, structured=structured_output(tools))
+    if tools is not None and tools.active and spec.structured is not None:
+        raise ValueError(f"{where}['response_format']: cannot be combined with tools (send tool_choice "
+                         "'none' to answer in a format without tools)")
     if "messages" in inputs:
         if {"text", "history", "system"} & set(inputs):
             raise ValueError(f"{where}: give either 'messages' or 'text'/'history'/'system', not both")
@@ -108,7 +106,7 @@ def parse_chat_inputs(inputs: Any, where: str = "inputs") -> ChatRequest:
         else:
             dialog = [dict(message) for message in messages]
         check_dialog(dialog, allow_special_tags=_bool(inputs, "allow_special_tags", where))
-        return ChatRequest(_with_tools(dialog, tools), _history_of(dialog), spec, tools)
+        return ChatRequest(dialog, _history_of(dialog), spec, tools)
     text = _require_text(inputs, where)
     system = inputs.get("system")
     if system is not None and not isinstance(system, str):
@@ -116,12 +114,12 @@ def parse_chat_inputs(inputs: Any, where: str = "inputs") -> ChatRequest:
     history = _parse_history(inputs.get("history"), f"{where}['history']")
     dialog = dialog_from_history(text, history, system)
     check_dialog(dialog, allow_special_tags=_bool(inputs, "allow_special_tags", where))
-    return ChatRequest(_with_tools(dialog, tools), history, spec, tools)
+    return ChatRequest(dialog, history, spec, tools)
 
 
 def _with_tools(dialog: Dialog, tools: Optional[ToolSpec]) -> Dialog:
     """The dialog with the tools in its system message (after the caller's own, checked, system text)."""
-    if tools is None or not tools.active:
+    if tools is None:
         return dialog
     if dialog[0]["role"] == "system":
         return [{"role": "system", "content": system_with_tools(dialog[0]["content"], tools)}, *dialog[1:]]
@@ -149,12 +147,32 @@ def chat_prompt(request: ChatRequest, tokenizer, context_length: int = CONTEXT_L
     ``tokenizer`` is a :class:`~modelscope_llama2.tokenizer.Llama2Tokenizer`.
     With ``truncate=False`` a prompt that does not fit whole raises
     :class:`PromptTooLong` (a ``ValueError``) instead of dropping rounds.
+    Tools go into the system message and constrain the answer; with
+    ``tool_choice`` ``auto``, tools that do not fit the context with the
+    messages are left out (a warning is logged) and the model answers in text,
+    as a client that sends its tools by default expects.
     """
-    limit, reserve = _limits(request.spec, context_length)
+    tools = request.tools if request.tools is not None and request.tools.active else None
+    if tools is not None:
+        try:
+            return _chat_prompt(request, tools, tokenizer, context_length, truncate)
+        except PromptTooLong:
+            if tools.mode != "auto":
+                raise
+            logger.warning("tools: the %d tool definitions do not fit in the context with the messages; "
+                           "answering without them (tool_choice 'auto')", len(tools.tools))
+    return _chat_prompt(request, None, tokenizer, context_length, truncate)
+
+
+def _chat_prompt(request: ChatRequest, tools: Optional[ToolSpec], tokenizer, context_length: int,
+                 truncate: bool) -> Prompt:
+    dialog = _with_tools(request.dialog, tools)
+    spec = replace(request.spec, structured=structured_output(tools)) if tools is not None else request.spec
+    limit, reserve = _limits(spec, context_length)
     encode, bos, eos = tokenizer.sp_model.encode, tokenizer.bos_token_id, tokenizer.eos_token_id
-    prompt_ids, dropped = fit_dialog(request.dialog, encode, bos, eos, budget=limit - reserve)
+    prompt_ids, dropped = fit_dialog(dialog, encode, bos, eos, budget=limit - reserve)
     if dropped and not truncate:
-        length = len(encode_dialog(request.dialog, encode, bos, eos))
+        length = len(encode_dialog(dialog, encode, bos, eos))
         raise PromptTooLong(
             f"messages: the prompt takes {length} tokens and the answer {reserve}, more than the model's "
             f"limit of {limit} tokens", prompt_tokens=length, budget=limit - reserve)
@@ -163,12 +181,12 @@ def chat_prompt(request: ChatRequest, tokenizer, context_length: int = CONTEXT_L
                        "response fit in %d tokens", dropped, len(prompt_ids), limit)
     return Prompt(
         token_ids=tuple(prompt_ids),
-        sampling=_sampling(request.spec, limit, len(prompt_ids)),
+        sampling=_sampling(spec, limit, len(prompt_ids)),
         kind="chat",
         message=request.dialog[-1]["content"],
         history=request.history,
         dropped_rounds=dropped,
-        tools=request.tools if request.tools is not None and request.tools.active else None,
+        tools=tools,
     )
 
 

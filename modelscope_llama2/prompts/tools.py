@@ -280,19 +280,23 @@ def structured_output(spec: Optional[ToolSpec]) -> Optional[StructuredOutput]:
     return StructuredOutput("json_schema", json.dumps(output_schema(spec), ensure_ascii=False))
 
 
+_RESPONSE_START = '{"response":"'
+
+
 def parse_tool_output(text: str, spec: ToolSpec) -> Tuple[Optional[str], Tuple[ToolCall, ...]]:
     """``(content, tool_calls)`` of an answer in the tool format.
 
     A plain answer (``{"response": ...}``) gives its text and no calls; a
-    tool-call answer gives ``None`` and the calls (new ids); anything else (an
-    answer cut by the token limit) is returned as the content, as generated.
+    tool-call answer gives ``None`` and the calls (new ids). An answer cut by
+    the token limit gives what it holds as text: the plain answer so far, or
+    the tool-call JSON as generated.
     """
     try:
         value = json.loads(text)
     except ValueError:
-        return text, ()
+        return (_decoded_prefix(text[len(_RESPONSE_START):]) if text.startswith(_RESPONSE_START) else text), ()
     if isinstance(value, dict) and isinstance(value.get("response"), str) and len(value) == 1:
-        return value["response"], ()
+        return value["response"].lstrip(), ()
     if isinstance(value, dict) and isinstance(value.get("tool_calls"), list):
         calls = tuple(ToolCall(new_tool_call_id(), call["name"], _compact(call.get("arguments", {})))
                       for call in value["tool_calls"] if isinstance(call, dict) and "name" in call)
@@ -301,8 +305,6 @@ def parse_tool_output(text: str, spec: ToolSpec) -> Tuple[Optional[str], Tuple[T
     return text, ()
 
 
-_RESPONSE_START = '{"response":"'
-_CALLS_START = '{"tool_calls":'
 
 
 class ToolOutputStream:
@@ -335,13 +337,7 @@ class ToolOutputStream:
 
     def finish(self) -> Tuple[str, Tuple[ToolCall, ...]]:
         content, calls = parse_tool_output(self.text, self.spec)
-        if calls:
-            return "", calls
-        if self.text.startswith(_RESPONSE_START):
-            content = content if content is not None and content != self.text else _decoded_prefix(
-                self.text[len(_RESPONSE_START):])
-            return content[len(self.shown):], ()
-        return content or "", ()
+        return (content or "")[len(self.shown):], calls
 
 
 def _decoded_prefix(body: str) -> str:
@@ -368,4 +364,4 @@ def _decoded_prefix(body: str) -> str:
         return ""
     if text and "\ud800" <= text[-1] <= "\udbff":  # half a surrogate pair: wait for the other half
         text = text[:-1]
-    return text
+    return text.lstrip()  # Llama starts an answer with a space, as in plain chat (answer_text strips it)

@@ -77,6 +77,9 @@ class _Sampling(_Request):
     user: Optional[str] = None
     # vLLM's extension: return the prompt's and each choice's token ids.
     return_token_ids: bool = False
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}: checked in prompts/structured.py.
+    response_format: Optional[Dict[str, Any]] = None
+
     # vLLM's sampling extensions (benchmark clients send ignore_eos and min_tokens).
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
@@ -135,6 +138,9 @@ class ChatMessage(_Request):
     metadata: Optional[Any] = None
     options: Optional[Any] = None
     id: Optional[Any] = None
+    # An assistant's earlier tool calls, and a tool message's answer to one (prompts/tools.py renders both).
+    tool_calls: Optional[List[Dict[str, Any]]] = None
+    tool_call_id: Optional[str] = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -144,11 +150,16 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     # OpenAI Responses API's option: "auto" drops the oldest rounds to fit.
     truncation: Literal["auto", "disabled"] = "disabled"
+    # Function tools (checked in prompts/tools.py); the answer is constrained to a call or, with "auto", text.
+    tools: Optional[List[Dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, Dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]
+    tool_calls: Optional[List[Dict[str, Any]]] = None
 
 
 class ChatChoice(BaseModel):
@@ -174,6 +185,8 @@ class ChatCompletionResponse(BaseModel):
 class Delta(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    # [{"index", "id", "type": "function", "function": {"name", "arguments"}}], OpenAI's streamed shape.
+    tool_calls: Optional[List[Dict[str, Any]]] = None
 
 
 class ChatChunkChoice(BaseModel):

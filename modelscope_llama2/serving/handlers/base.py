@@ -23,7 +23,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from ...decoding import TextDelta
 from ...prompts.chat_format import PromptTooLong, encode_dialog
-from ...prompts.prompt import Prompt, SamplingParams, new_request_id
+from ...prompts.prompt import Prompt, SamplingParams, StructuredOutput, new_request_id
 from ...prompts.requests import chat_prompt, parse_chat_inputs
 from ..backend import Backend
 from ..config import ServerConfig
@@ -168,7 +168,12 @@ def dialog_of(messages: Sequence[Any], where: str = "messages") -> List[Dict[str
     dialog = []
     for index, message in enumerate(messages):
         role = ROLE_ALIASES.get(message.role, message.role)
-        dialog.append({"role": role, "content": _text(message.content, role, f"{where}.{index}.content")})
+        turn = {"role": role, "content": _text(message.content, role, f"{where}.{index}.content")}
+        # Tool calls and results stay on the turn: the prompt builder renders them (prompts/tools.py).
+        for key in ("tool_calls", "tool_call_id"):
+            if getattr(message, key, None) is not None:
+                turn[key] = getattr(message, key)
+        dialog.append(turn)
     return dialog
 
 
@@ -189,6 +194,23 @@ def _text(content: Any, role: str, where: str) -> str:
             raise APIError(400, f"{where}.{index}.text: a part of type {kind!r} needs its text", param=f"{where}.{index}.text")
         texts.append(text)
     return "".join(texts)
+
+
+# The request fields that constrain the answer, passed to the prompt builder as they came.
+STRUCTURED_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls")
+
+
+def structured_inputs(request: Any) -> Dict[str, Any]:
+    """The structured-output and tool fields a request set (``response_format`` ``text`` is no constraint)."""
+    return {key: getattr(request, key) for key in STRUCTURED_FIELDS if getattr(request, key, None) is not None}
+
+
+def _field_named(message: str, inputs: Mapping[str, Any]) -> str:
+    """The request field an input error names (``messages`` unless it is about a structured field)."""
+    for key in STRUCTURED_FIELDS:
+        if message.startswith((f"inputs.{key}", f"inputs['{key}']")) and key in inputs:
+            return key
+    return "messages"
 
 
 class RequestBuilder:
@@ -214,16 +236,19 @@ class RequestBuilder:
             raise APIError(400, f"{max_tokens_param}: {max_tokens} leaves no room for a prompt in this model's "
                                 f"context of {self.context} tokens", param=max_tokens_param,
                            code="context_length_exceeded")
-        inputs: Dict[str, Any] = {"messages": dialog}
+        inputs: Dict[str, Any] = {"messages": dialog, **structured_inputs(request)}
         if max_tokens is not None:
             inputs["max_new_tokens"] = max_tokens
         try:
             prompt = chat_prompt(parse_chat_inputs(inputs), self.tokenizer, self.context, truncate=truncate)
         except PromptTooLong as error:
             raise too_long(error.prompt_tokens, max_tokens, error.budget, self.context) from None
-        except (TypeError, ValueError) as error:  # roles, order, control tags: named by index
-            raise APIError(400, str(error), param="messages") from None
-        sampling = self.sampling(request, prompt.sampling.max_new_tokens)
+        except (TypeError, ValueError) as error:  # roles, order, control tags, tools, formats: named
+            param = _field_named(str(error), inputs)
+            message = str(error)[len("inputs."):] if param != "messages" and str(error).startswith("inputs.") else str(error)
+            raise APIError(400, message, param=param) from None
+        sampling = self.sampling(request, prompt.sampling.max_new_tokens, prompt.sampling.structured,
+                                 "tools" if prompt.tools is not None else "response_format")
         return [replace(prompt, sampling=self.seeded(sampling, i), request_id=new_request_id()) for i in range(n)]
 
     def chat_ids(self, dialog: List[Dict[str, str]]) -> List[int]:
@@ -235,11 +260,16 @@ class RequestBuilder:
         tokenizer = self.tokenizer
         return encode_dialog(chat.dialog, tokenizer.sp_model.encode, tokenizer.bos_token_id, tokenizer.eos_token_id)
 
-    def sampling(self, request: Any, max_new_tokens: int) -> SamplingParams:
-        """``request``'s sampling, each option checked against the engine (400 naming the first it lacks)."""
+    def sampling(self, request: Any, max_new_tokens: int, structured: Optional[StructuredOutput] = None,
+                 structured_param: str = "response_format") -> SamplingParams:
+        """``request``'s sampling, each option checked against the engine (400 naming the first it lacks).
+
+        ``structured``: the grammar the answer must follow, compiled now so a
+        schema the grammar engine refuses is a 400 naming ``structured_param``.
+        """
         sampling = SamplingParams(max_new_tokens=max_new_tokens, stop=stops(getattr(request, "stop", None)),
                                   seed=getattr(request, "seed", None),
-                                  options=sampling_options(request, self.defaults),
+                                  options=sampling_options(request, self.defaults), structured=structured,
                                   ignore_eos=getattr(request, "ignore_eos", False), **logprobs_settings(request))
         request_names = {option: name for name, option in VLLM_EXTENSIONS.items()}
         for key, value in sampling.options.items():  # one by one, to name the field refused
@@ -249,6 +279,15 @@ class RequestBuilder:
                 name = request_names.get(key, key)
                 raise APIError(400, f"{name}: not supported by the {self.backend.engine_name} engine",
                                param=name) from None
+        if structured is not None:
+            try:
+                self.backend.check_sampling(SamplingParams(max_new_tokens, structured=structured), structured_param)
+            except ImportError:
+                raise APIError(400, f"{structured_param}: structured outputs need xgrammar on the server "
+                                    "(pip install 'modelscope_llama2[structured]')", param=structured_param) from None
+            except ValueError as error:
+                message = str(error).replace(f"{structured_param}['response_format']", structured_param)
+                raise APIError(400, message, param=structured_param) from None
         return sampling
 
     @staticmethod

@@ -6,13 +6,14 @@ Example:
 """
 
 import time
-from typing import Any, AsyncIterator, List, Optional
+from typing import Any, AsyncIterator, Dict, Iterator, List, Optional
 
 from fastapi import Request
 
 from ...decoding import TextDelta
 from ...prompts.chat_format import AnswerStream, answer_text
 from ...prompts.prompt import Prompt
+from ...prompts.tools import ToolOutputStream, parse_tool_output
 from ..generation import FINISH_REASONS, Choice, usage
 from ..logprobs import TokenTexts, chat_logprobs
 from ..protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -34,8 +35,7 @@ class ChatHandler(Handler):
         def build(response_id: str, choices: List[Choice]) -> ChatCompletionResponse:
             return ChatCompletionResponse(
                 id=response_id, model=body.model,
-                choices=[ChatChoice(index=i, message=AssistantMessage(content=answer_text("".join(c.text))),
-                                    finish_reason=c.finish_reason,
+                choices=[ChatChoice(index=i, **answer(prompts[0], c),
                                     logprobs=chat_logprobs(tokens, c.logprobs) if tokens else None,
                                     token_ids=c.token_ids if body.return_token_ids else None)
                          for i, c in enumerate(choices)],
@@ -48,6 +48,17 @@ class ChatHandler(Handler):
                                   lambda rid, deltas, with_usage: _chunks(body, prompts, rid, deltas, with_usage,
                                                                           tokens),
                                   build)
+
+
+def answer(prompt: Prompt, choice: Choice) -> Dict[str, Any]:
+    """A choice's ``message`` and ``finish_reason``: the text, or with tools the calls (``tool_calls``)."""
+    text = answer_text("".join(choice.text))
+    if prompt.tools is None:
+        return {"message": AssistantMessage(content=text), "finish_reason": choice.finish_reason}
+    content, calls = parse_tool_output(text, prompt.tools)
+    reason = "tool_calls" if calls and choice.finish_reason == "stop" else choice.finish_reason
+    return {"message": AssistantMessage(content=content, tool_calls=[c.as_openai() for c in calls] or None),
+            "finish_reason": reason}
 
 
 def dropped_rounds(body: ChatCompletionRequest, prompts: List[Prompt]) -> Optional[int]:
@@ -71,11 +82,18 @@ async def _chunks(body: ChatCompletionRequest, prompts: List[Prompt], response_i
     # Ids and logprobs of tokens whose text is not shown yet go with the next chunk shown.
     pending_ids: List[List[int]] = [[] for _ in prompts]
     pending: List[list] = [[] for _ in prompts]
+    tools = [ToolOutputStream(p.tools) if p.tools is not None else None for p in prompts]
     async for index, delta in deltas:
         reason = FINISH_REASONS.get(delta.finish_reason, delta.finish_reason)
         shown = answers[index].feed(delta.text, final=reason is not None)
         pending_ids[index] += delta.token_ids
         pending[index] += delta.logprobs
+        if tools[index] is not None:
+            for piece in _tool_chunks(tools[index], shown, reason, index, delta):
+                yield chunk([piece])
+            if delta.finish_reason is not None:
+                finals.append(delta)
+            continue
         if shown or reason:
             token_ids = pending_ids[index] if body.return_token_ids else None
             logprobs = chat_logprobs(tokens, pending[index]) if tokens else None
@@ -86,3 +104,21 @@ async def _chunks(body: ChatCompletionRequest, prompts: List[Prompt], response_i
             finals.append(delta)
     if include_usage:
         yield chunk([], usage=usage(len(prompts[0].token_ids), finals))
+
+
+def _tool_chunks(stream: ToolOutputStream, text: str, reason: Optional[str], index: int,
+                 delta: TextDelta) -> Iterator[ChatChunkChoice]:
+    """The chunks of an answer in the tool format: a plain answer's text as it grows; the calls, whole, at the end."""
+    shown = stream.feed(text)
+    if shown:
+        yield ChatChunkChoice(index=index, delta=Delta(content=shown))
+    if reason is None:
+        return
+    rest, calls = stream.finish()
+    if rest:
+        yield ChatChunkChoice(index=index, delta=Delta(content=rest))
+    if calls:
+        yield ChatChunkChoice(index=index, delta=Delta(tool_calls=[{"index": i, **call.as_openai()}
+                                                                   for i, call in enumerate(calls)]))
+    yield ChatChunkChoice(index=index, delta=Delta(), finish_reason="tool_calls" if calls and reason == "stop"
+                          else reason)

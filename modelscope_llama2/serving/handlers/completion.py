@@ -12,6 +12,7 @@ from fastapi import Request
 
 from ...decoding import TextDelta
 from ...prompts.prompt import Prompt
+from ...prompts.structured import parse_response_format
 from ..errors import APIError
 from ..generation import FINISH_REASONS, Choice, usage
 from ..logprobs import LegacyLogprobs, TokenTexts
@@ -42,12 +43,17 @@ class CompletionHandler(Handler):
     def prompts(self, request: CompletionRequest) -> List[Prompt]:
         refuse_unsupported(request)
         builder, context = self.builder, self.builder.context
+        try:
+            structured = parse_response_format(request.response_format)
+        except (TypeError, ValueError) as error:
+            raise APIError(400, str(error), param="response_format") from None
         prompts = []
         for text, ids in self._ids(request.prompt):
             if len(ids) + (request.max_tokens or 1) > context:
                 raise too_long(len(ids), request.max_tokens, context - (request.max_tokens or 1), context,
                                param="prompt")
-            sampling = builder.sampling(request, context - len(ids) if request.max_tokens is None else request.max_tokens)
+            sampling = builder.sampling(request, context - len(ids) if request.max_tokens is None else request.max_tokens,
+                                        structured)
             # Decoded before the new ids (specials left out), so the first new word keeps its space.
             prefix = tuple(ids[after_last_special(ids, builder.tokenizer.all_special_ids):])
             prompts += [Prompt(tuple(ids), builder.seeded(sampling, i), kind="completion", decode_prefix=prefix,
