@@ -35,7 +35,6 @@ Example:
 
 import inspect
 import logging
-import queue
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -43,7 +42,7 @@ import torch
 
 from ...constants import BOS_ID, CONTEXT_LENGTH, EOS_ID
 from ...prompts.prompt import Prompt, SamplingParams
-from ..base import Engine, TokenEvent, TokenLogprob, Usage
+from ..base import Engine, EventBuffer, TokenEvent, TokenLogprob, Usage
 from ..logits import raw_logprobs, token_logprob
 from ..transformers_engine import check_token_ids
 from .kv import SlotCache, bytes_per_token
@@ -146,7 +145,7 @@ class BatchingEngine(Engine):
 
     def generate(self, prompts: Sequence[Prompt]) -> Iterator[TokenEvent]:
         prompts = list(prompts)
-        events: "queue.Queue[TokenEvent]" = queue.Queue()
+        events = EventBuffer()  # one pending event per request: a slow consumer never grows a queue
         submitted: List[str] = []
         try:
             for prompt in prompts:  # all checked and queued now: bad input fails on the call
@@ -184,12 +183,14 @@ class BatchingEngine(Engine):
 
     # -- the step loop (engine thread only) --------------------------------------
 
-    def _events(self, events: "queue.Queue[TokenEvent]", unfinished: set) -> Iterator[TokenEvent]:
+    def _events(self, events: EventBuffer, unfinished: set) -> Iterator[TokenEvent]:
         try:
             while unfinished:
                 event = events.get()
                 if event.finished:
                     unfinished.discard(event.request_id)
+                if event.finish_reason == "error":
+                    raise RuntimeError(f"the {self.name} engine failed request {event.request_id} (see the log)")
                 yield event
         finally:
             for request_id in unfinished:  # the consumer left early
@@ -210,9 +211,9 @@ class BatchingEngine(Engine):
                 with torch.inference_mode():
                     self._step()
             except Exception:  # a failed forward ends the requests in it, not the engine
-                logger.exception("batching step failed; aborting %d requests", len(self._running))
+                logger.exception("batching step failed; failing %d requests", len(self._running))
                 for request in self._running:
-                    request.finish("abort")
+                    request.finish("error")
             self._retire_finished()
 
     def _retire_finished(self) -> None:

@@ -21,11 +21,12 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional, 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from ...constants import SAMPLING_EPS
 from ...decoding import TextDelta
 from ...prompts.chat_format import PromptTooLong, encode_dialog
 from ...prompts.prompt import Prompt, SamplingParams, StructuredOutput, new_request_id
 from ...prompts.requests import chat_prompt, parse_chat_inputs
-from ..backend import Backend
+from ..backend import Backend, BackendUnavailable
 from ..config import ServerConfig
 from ..errors import APIError
 from ..generation import Choice, Generation, collect
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 def sampling_options(request: Any, defaults: Mapping[str, Any]) -> Dict[str, Any]:
     """transformers-style options for an OpenAI request's temperature, top_p and penalties.
 
-    ``temperature: 0`` is greedy; an omitted temperature/top_p falls back to
+    ``temperature: 0`` (or below ``SAMPLING_EPS``, as vLLM) is greedy; an omitted temperature/top_p falls back to
     the checkpoint's defaults. Penalties are passed on only when non-zero, so
     an engine without them refuses them (400) rather than ignoring them.
 
@@ -48,6 +49,8 @@ def sampling_options(request: Any, defaults: Mapping[str, Any]) -> Dict[str, Any
         {'do_sample': True, 'temperature': 0.7}
         >>> sampling_options(R(temperature=0, top_p=0.9, frequency_penalty=0, presence_penalty=0), {})
         {'do_sample': False}
+        >>> sampling_options(R(temperature=1e-40, top_p=None, frequency_penalty=0, presence_penalty=0), {})
+        {'do_sample': False}
     """
     # do_sample is always explicit: an engine would otherwise fall back to the
     # checkpoint's generation_config, which may sample where the request is greedy.
@@ -55,7 +58,7 @@ def sampling_options(request: Any, defaults: Mapping[str, Any]) -> Dict[str, Any
     temperature = request.temperature
     if temperature is None and request.top_p is None and not defaults.get("do_sample", False):
         pass  # the checkpoint decodes greedily by default
-    elif temperature != 0:
+    elif temperature is None or temperature >= SAMPLING_EPS:
         temperature = defaults.get("temperature", 1.0) if temperature is None else temperature
         top_p = defaults.get("top_p", 1.0) if request.top_p is None else request.top_p
         options["do_sample"] = True
@@ -340,7 +343,8 @@ class Handler:
                       build: Callable[[str, List[Choice]], Any]) -> Any:
         """Generate ``prompts``; SSE chunks from ``stream_chunks`` or one response from ``build``."""
         response_id = f"{kind}-{uuid.uuid4().hex}"
-        deltas = self.generation.run(prompts)
+        # Past the choice limit, name what made the request big: its n, or (completions) its list of prompts.
+        deltas = self.generation.run(prompts, param="n" if len(prompts) == getattr(body, "n", 1) else "prompt")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return self.streaming(stream_chunks(response_id, deltas, include_usage))
@@ -387,6 +391,10 @@ class Handler:
             except APIError as error:  # after the status line went out: an error event, as vLLM sends
                 metrics.requests.labels(status=str(error.status)).inc()
                 yield sse(error.body.model_dump_json())
+            except BackendUnavailable as error:  # replica gone, or the server's drain timeout passed
+                metrics.requests.labels(status="503").inc()
+                yield sse(ErrorResponse.of(f"The model is not available: {error}",
+                                           "service_unavailable_error").model_dump_json())
             except Exception:
                 logger.exception("generation failed mid-stream")
                 metrics.requests.labels(status="500").inc()

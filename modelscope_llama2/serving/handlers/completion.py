@@ -5,6 +5,7 @@ Example:
     3
 """
 
+import asyncio
 import time
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
@@ -25,7 +26,10 @@ class CompletionHandler(Handler):
 
     async def create(self, body: CompletionRequest, request: Request) -> Any:
         self.builder.check_model(body.model)
-        prompts = self.prompts(body)
+        rows = 1 if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int)) \
+            else len(body.prompt)
+        self.generation.admission.check_size(rows * body.n, "n" if rows == 1 else "prompt")  # before encoding them
+        prompts = await asyncio.to_thread(self.prompts, body)  # off the event loop: many prompts take a while
 
         def build(response_id: str, choices: List[Choice]) -> CompletionResponse:
             return CompletionResponse(
