@@ -27,6 +27,7 @@ import torch
 from ...constants import EOS_ID
 from ...prompts.prompt import SamplingParams
 from ..base import TokenLogprob
+from ..logits import penalize_row
 
 # The transformers-style option names a row honours (SamplingParams.options).
 ROW_OPTIONS = frozenset({
@@ -144,9 +145,7 @@ def _penalize(scores: torch.Tensor, ids: torch.Tensor, prompt_len: int, row: Row
         seen = scores.gather(0, ids)
         scores.scatter_(0, ids, torch.where(seen < 0, seen * row.repetition_penalty, seen / row.repetition_penalty))
     if row.frequency_penalty or row.presence_penalty:  # OpenAI's: the answer's tokens only
-        # TODO(logprobs engineer): engines/logits.py owns these shapes; call it here once it lands.
-        counts = torch.bincount(ids[prompt_len:], minlength=scores.shape[0]).to(scores.dtype)
-        scores -= row.frequency_penalty * counts + row.presence_penalty * (counts > 0).to(scores.dtype)
+        scores.copy_(penalize_row(scores, ids[prompt_len:], row.frequency_penalty, row.presence_penalty))
 
 
 def _draw(scores: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
