@@ -21,9 +21,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from transformers import GenerationConfig
 
-from ..constants import CONTEXT_LENGTH
-from .chat_format import (Dialog, Message, PromptTooLong, check_dialog, dialog_from_history, encode_dialog,
-                          fit_dialog)
+from ..constants import CONTEXT_LENGTH, MAX_SEED, PENALTY_OPTIONS, PENALTY_RANGE, SAMPLING_EPS
+from .chat_format import (Dialog, Message, PromptTooLong, check_dialog, check_text, dialog_from_history,
+                          encode_dialog, fit_dialog)
 from .prompt import Prompt, SamplingParams, StructuredOutput
 from .structured import parse_response_format
 from .tools import ToolSpec, dialog_from_messages, parse_tools, structured_output, system_with_tools
@@ -111,6 +111,8 @@ def parse_chat_inputs(inputs: Any, where: str = "inputs") -> ChatRequest:
     system = inputs.get("system")
     if system is not None and not isinstance(system, str):
         raise TypeError(f"{where}['system']: expected a string or None, got {type(system).__name__}")
+    if system is not None:
+        check_text(system, f"{where}['system']")
     history = _parse_history(inputs.get("history"), f"{where}['history']")
     dialog = dialog_from_history(text, history, system)
     check_dialog(dialog, allow_special_tags=_bool(inputs, "allow_special_tags", where))
@@ -234,11 +236,12 @@ def _parse_spec(inputs: Mapping[str, Any], own_keys: set, where: str) -> Generat
     for key, value in inputs.items():
         if key in own_keys or key in SPEC_KEYS:
             continue
-        if not isinstance(key, str) or not hasattr(_GENERATION_DEFAULTS, key) or key in RESERVED_GENERATION_KEYS:
+        known = isinstance(key, str) and (hasattr(_GENERATION_DEFAULTS, key) or key in PENALTY_OPTIONS)
+        if not known or key in RESERVED_GENERATION_KEYS:
             raise ValueError(
                 f"{where}[{key!r}]: unknown input; expected one of {sorted(own_keys | SPEC_KEYS)} "
                 "or a transformers generation setting (max_new_tokens, do_sample, temperature, top_p, "
-                "top_k, repetition_penalty, min_new_tokens, ...)"
+                "top_k, repetition_penalty, min_new_tokens, ...) or OpenAI's frequency_penalty/presence_penalty"
             )
         generate_kwargs[key] = value
     for key, minimum in _INT_KEYS.items():
@@ -246,12 +249,24 @@ def _parse_spec(inputs: Mapping[str, Any], own_keys: set, where: str) -> Generat
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
             kind = "positive" if minimum else "non-negative"
             raise ValueError(f"{where}[{key!r}]: expected a {kind} int, got {value!r}")
+    if inputs.get("seed") is not None and inputs["seed"] > MAX_SEED:
+        raise ValueError(f"{where}['seed']: expected at most 2**63 - 1, got {inputs['seed']!r}")
     for key in ("temperature", "top_p", "repetition_penalty"):
         value = inputs.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
             raise ValueError(f"{where}[{key!r}]: expected a positive number, got {value!r}")
+    low, high = PENALTY_RANGE
+    for key in PENALTY_OPTIONS:
+        value = inputs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not low <= value <= high):
+            raise ValueError(f"{where}[{key!r}]: expected a number in [{low}, {high}], got {value!r}")
     if "do_sample" in inputs and not isinstance(inputs["do_sample"], bool):
         raise TypeError(f"{where}['do_sample']: expected a bool, got {type(inputs['do_sample']).__name__}")
+    if inputs.get("temperature") is not None and inputs["temperature"] < SAMPLING_EPS:
+        # Greedy, as vLLM decodes such temperatures (sampling would divide the logits into inf/nan).
+        generate_kwargs.pop("temperature")
+        generate_kwargs["do_sample"] = False
     return GenerationSpec(
         max_length=inputs.get("max_length"),
         max_new_tokens=inputs.get("max_new_tokens"),
@@ -268,6 +283,8 @@ def _parse_stop(stop: Any, where: str) -> Tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
         raise TypeError(f"{where}: expected a non-empty string or a list of non-empty strings, got {stop!r}")
+    for i, text in enumerate(stops):
+        check_text(text, f"{where}[{i}]")
     return tuple(stops)
 
 
@@ -278,6 +295,8 @@ def _parse_history(history: Any, where: str) -> Tuple[Tuple[str, str], ...]:
     for i, pair in enumerate(pairs):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(s, str) for s in pair):
             raise TypeError(f"{where}[{i}]: expected a (user, assistant) pair of two strings, got {pair!r}")
+        for j, text in enumerate(pair):
+            check_text(text, f"{where}[{i}][{j}]")
     return tuple((user, assistant) for user, assistant in pairs)
 
 
@@ -302,6 +321,7 @@ def _require_text(inputs: Mapping[str, Any], where: str) -> str:
         raise ValueError(f"{where}['text']: missing; the message to answer is required")
     if not isinstance(inputs["text"], str):
         raise TypeError(f"{where}['text']: expected a string, got {type(inputs['text']).__name__}")
+    check_text(inputs["text"], f"{where}['text']")
     return inputs["text"]
 
 

@@ -20,14 +20,15 @@ Example:
     >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
 """
 
+import asyncio
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Dict
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from .admission import Admission
-from .backend import Backend
+from .backend import Backend, BackendUnavailable
 from .config import ServerConfig
 from .errors import install_error_handlers
 from .generation import Generation
@@ -42,6 +43,27 @@ from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeReque
                        ModelList, ResponsesRequest, TokenizeRequest, TokenizeResponse, TokenizerInfo)
 
 __all__ = ["ServerConfig", "create_app"]
+
+
+class Drain:
+    """Graceful shutdown: new generations are refused (503) at once; after ``timeout`` seconds the rest are ended.
+
+    A streamed answer then gets an error event and ``[DONE]``, a whole one
+    a 503 body: every client hears how its request ended before the server exits.
+    """
+
+    def __init__(self, generation: Generation):
+        self.generation = generation
+        self.draining = False
+
+    def begin(self, timeout: float) -> None:
+        """Start draining (on the event loop; the server calls it on SIGTERM or Ctrl-C)."""
+        if self.draining:
+            return
+        self.draining = True
+        self.generation.refuse(BackendUnavailable("the server is shutting down"))
+        asyncio.get_running_loop().call_later(timeout, self.generation.fail_all,
+                                              BackendUnavailable("the server is shutting down; send it again"))
 
 
 def create_app(backend: Backend, config: ServerConfig) -> Any:
@@ -64,10 +86,13 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
     app = FastAPI(title="modelscope_llama2 OpenAI-compatible server", lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url="/openapi.json")
     app.state.metrics, app.state.admission, app.state.backend = metrics, admission, backend
+    app.state.drain = drain = Drain(generation)
     install_error_handlers(app, metrics)
 
     @app.get("/health")
-    async def health() -> Dict[str, str]:
+    async def health() -> Any:
+        if drain.draining:  # load balancers stop sending here
+            return JSONResponse({"status": "draining"}, status_code=503)
         return {"status": "ok"}
 
     card = ModelCard(id=config.served_model_name, max_model_len=backend.context_length)
@@ -101,6 +126,10 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
     async def retrieve_response(response_id: str) -> Dict[str, Any]:
         return responses.retrieve(response_id)
 
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> Dict[str, Any]:
+        return responses.delete(response_id)
+
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         return tokenization.tokenize(body)
@@ -113,4 +142,4 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
     async def tokenizer_info() -> TokenizerInfo:
         return tokenization.info()
 
-    return GuardMiddleware(app, config.api_key, config.max_body_bytes)
+    return GuardMiddleware(app, config.api_key, config.max_body_bytes, metrics, config.body_timeout)

@@ -28,4 +28,6 @@ class ServerConfig:
     max_running: int = 8
     max_waiting: int = 64
     max_body_bytes: int = 1 << 20
+    # Seconds a request's body may take to arrive (408 past it).
+    body_timeout: float = 30.0
     responses_store_size: int = 1000

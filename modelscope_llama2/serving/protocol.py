@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..constants import MAX_SEED
+
 # -- shared ---------------------------------------------------------------
 
 
@@ -70,16 +72,46 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, List[str]]] = None
-    seed: Optional[int] = Field(default=None, ge=0)
+    seed: Optional[int] = Field(default=None, ge=0, le=MAX_SEED)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    logprobs: Optional[Any] = None
     logit_bias: Optional[Dict[str, float]] = None
     user: Optional[str] = None
     # vLLM's extension: return the prompt's and each choice's token ids.
     return_token_ids: bool = False
     # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}: checked in prompts/structured.py.
     response_format: Optional[Dict[str, Any]] = None
+
+    # vLLM's sampling extensions (benchmark clients send ignore_eos and min_tokens).
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    top_k: Optional[int] = Field(default=None, ge=-1)  # -1 and 0: no top-k
+    repetition_penalty: Optional[float] = Field(default=None, gt=0)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[List[int]] = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: List[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    """Chat's ``logprobs``: one item per generated token."""
+
+    content: Optional[List[ChatTokenLogprob]] = None
+
+
+class CompletionLogprobs(BaseModel):
+    """Completions' legacy ``logprobs``: parallel lists, ``null`` for a token nothing predicts (echo's first)."""
+
+    tokens: List[str]
+    token_logprobs: List[Optional[float]]
+    top_logprobs: List[Optional[Dict[str, float]]]
+    text_offset: List[int]
 
 
 # -- chat -----------------------------------------------------------------
@@ -116,7 +148,8 @@ class ChatMessage(_Request):
 class ChatCompletionRequest(_Sampling):
     messages: List[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    top_logprobs: Optional[int] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     # OpenAI Responses API's option: "auto" drops the oldest rounds to fit.
     truncation: Literal["auto", "disabled"] = "disabled"
     # Function tools (checked in prompts/tools.py); the answer is constrained to a call or, with "auto", text.
@@ -135,7 +168,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Optional[str]
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     token_ids: Optional[List[int]] = None
 
 
@@ -162,7 +195,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: Optional[str] = None
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     token_ids: Optional[List[int]] = None
 
 
@@ -182,7 +215,8 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, List[str], List[int], List[List[int]]]
-    max_tokens: Optional[int] = Field(default=16, ge=1)  # OpenAI's default for completions
+    max_tokens: Optional[int] = Field(default=16, ge=0)  # OpenAI's default; 0 with echo scores the prompt
+    logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: Optional[str] = None
     best_of: Optional[int] = None
@@ -192,7 +226,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Optional[str]
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
     token_ids: Optional[List[int]] = None
     prompt_token_ids: Optional[List[int]] = None
 

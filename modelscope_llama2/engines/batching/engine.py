@@ -35,7 +35,6 @@ Example:
 
 import inspect
 import logging
-import queue
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -43,7 +42,8 @@ import torch
 
 from ...constants import BOS_ID, CONTEXT_LENGTH, EOS_ID
 from ...prompts.prompt import Prompt, SamplingParams
-from ..base import Engine, TokenEvent, TokenLogprob, Usage
+from ..base import Engine, EventBuffer, TokenEvent, TokenLogprob, Usage
+from ..logits import raw_logprobs, token_logprob
 from ..transformers_engine import check_token_ids
 from .kv import SlotCache, bytes_per_token
 from .sampler import CHECKPOINT_DEFAULTS, ROW_OPTIONS, RowSampling, row_sampling, sample
@@ -111,8 +111,6 @@ class BatchingEngine(Engine):
         super().check_sampling(sampling, where)
         if sampling.structured is not None:  # compiled now (cached), so a bad schema fails before any model work
             self._grammars().compile(sampling.structured, f"{where}['response_format']")
-        if sampling.prompt_logprobs is not None:
-            raise ValueError(f"{where}['prompt_logprobs']: not supported by the {self.name} engine yet")
 
     def _grammars(self) -> Any:
         # Imported here: xgrammar is only needed by requests that ask for structured output.
@@ -147,7 +145,7 @@ class BatchingEngine(Engine):
 
     def generate(self, prompts: Sequence[Prompt]) -> Iterator[TokenEvent]:
         prompts = list(prompts)
-        events: "queue.Queue[TokenEvent]" = queue.Queue()
+        events = EventBuffer()  # one pending event per request: a slow consumer never grows a queue
         submitted: List[str] = []
         try:
             for prompt in prompts:  # all checked and queued now: bad input fails on the call
@@ -185,12 +183,14 @@ class BatchingEngine(Engine):
 
     # -- the step loop (engine thread only) --------------------------------------
 
-    def _events(self, events: "queue.Queue[TokenEvent]", unfinished: set) -> Iterator[TokenEvent]:
+    def _events(self, events: EventBuffer, unfinished: set) -> Iterator[TokenEvent]:
         try:
             while unfinished:
                 event = events.get()
                 if event.finished:
                     unfinished.discard(event.request_id)
+                if event.finish_reason == "error":
+                    raise RuntimeError(f"the {self.name} engine failed request {event.request_id} (see the log)")
                 yield event
         finally:
             for request_id in unfinished:  # the consumer left early
@@ -211,9 +211,9 @@ class BatchingEngine(Engine):
                 with torch.inference_mode():
                     self._step()
             except Exception:  # a failed forward ends the requests in it, not the engine
-                logger.exception("batching step failed; aborting %d requests", len(self._running))
+                logger.exception("batching step failed; failing %d requests", len(self._running))
                 for request in self._running:
-                    request.finish("abort")
+                    request.finish("error")
             self._retire_finished()
 
     def _retire_finished(self) -> None:
@@ -231,7 +231,8 @@ class BatchingEngine(Engine):
         while self._waiting and len(self._running) < self.max_batch_size:
             request = self._waiting.pop(0)
             ids = list(request.prompt.token_ids)
-            slot, cached = self._take_slot(ids)
+            # Prompt logprobs need every prompt position's logits: no reused KV for them.
+            slot, cached = self._take_slot(ids, reuse=request.scored is None)
             request.slot, request.length, request.cached = slot, cached, cached
             request.feed = ids[cached:]
             self._owner[slot] = request
@@ -240,10 +241,10 @@ class BatchingEngine(Engine):
             self._history[slot, :len(ids)] = torch.tensor(ids, device=self._history.device)
             self._running.append(request)
 
-    def _take_slot(self, ids: List[int]) -> "tuple[int, int]":
+    def _take_slot(self, ids: List[int], reuse: bool = True) -> "tuple[int, int]":
         """A free slot for a prompt and how many of its ids already have KV there (at least one id is left)."""
         best, shared = -1, 0
-        for slot, held in enumerate(self._slot_ids):
+        for slot, held in enumerate(self._slot_ids if reuse else ()):
             n = _common_prefix(held, ids)
             if n > shared:
                 best, shared = slot, n
@@ -281,10 +282,15 @@ class BatchingEngine(Engine):
         mask = torch.zeros(visible.shape, dtype=self.model.dtype, device=device)
         mask = mask.masked_fill(~visible, torch.finfo(self.model.dtype).min)[:, None]
         kwargs = {self._cache_key: self.kv.step(slots, positions, kv_len)}
-        if self._keeps_logits:
+        # A prefill chunk of a request that scores its prompt keeps every position's logits.
+        scoring = requests[0] if len(requests) == 1 and requests[0].scored is not None else None
+        if self._keeps_logits and scoring is None:
             kwargs["logits_to_keep"] = 1
         logits = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                            **kwargs).logits[:, -1, :]
+                            **kwargs).logits
+        if scoring is not None:
+            scoring.score(logits[0], scoring.length)
+        logits = logits[:, -1, :]
         for request in requests:
             self._slot_ids[request.slot].extend(request.feed[:q])
             request.length += q
@@ -322,10 +328,29 @@ class _Request:
         self.count = self.cached = 0
         self.done = False
         self._lock = threading.RLock()  # abort (any thread) and tokens (the engine thread) race
+        # Prompt logprobs so far (None for the first token), until the first event carries them.
+        self.scored: Optional[List[Optional[TokenLogprob]]] = None if prompt.sampling.prompt_logprobs is None \
+            else [None]
+
+    def score(self, logits: torch.Tensor, start: int) -> None:
+        """Prompt logprobs from a prefill chunk's ``[q, vocab]`` logits; row j (position ``start + j``) predicts
+        the next prompt id."""
+        ids, k = self.prompt.token_ids, self.prompt.sampling.prompt_logprobs
+        rows = raw_logprobs(logits[:max(0, len(ids) - 1 - start)])
+        self.scored += [token_logprob(row, ids[start + j + 1], k) for j, row in enumerate(rows)]
+
+    def _event(self, token_ids: tuple, reason: Optional[str] = None, usage: Optional[Usage] = None,
+               logprobs: tuple = ()) -> TokenEvent:
+        scored, self.scored = self.scored, None
+        return TokenEvent(self.prompt.request_id, token_ids, reason, usage, logprobs=logprobs,
+                          prompt_logprobs=tuple(scored) if scored is not None else None)
 
     def take(self, token: int, logprob: Optional[TokenLogprob], room: bool) -> None:
         with self._lock:
             if self.done:
+                return
+            if self.prompt.sampling.max_new_tokens == 0:  # scoring the prompt only
+                self.finish("length")
                 return
             if token == EOS_ID and not self.params.ignore_eos:
                 self.finish("eos")
@@ -336,7 +361,7 @@ class _Request:
             if self.count >= self.prompt.sampling.max_new_tokens or not room:
                 self.finish("length", (token,), logprobs)
             else:
-                self.on_event(TokenEvent(self.prompt.request_id, (token,), logprobs=logprobs))
+                self.on_event(self._event((token,), logprobs=logprobs))
 
     def finish(self, reason: str, token_ids: tuple = (), logprobs: tuple = ()) -> None:
         with self._lock:
@@ -344,7 +369,7 @@ class _Request:
                 return
             self.done = True
             usage = Usage(len(self.prompt.token_ids), self.count, self.cached)
-            self.on_event(TokenEvent(self.prompt.request_id, token_ids, reason, usage, logprobs=logprobs))
+            self.on_event(self._event(token_ids, reason, usage, logprobs))
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

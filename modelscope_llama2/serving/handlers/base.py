@@ -21,11 +21,12 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional, 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from ...constants import SAMPLING_EPS
 from ...decoding import TextDelta
 from ...prompts.chat_format import PromptTooLong, encode_dialog
 from ...prompts.prompt import Prompt, SamplingParams, StructuredOutput, new_request_id
 from ...prompts.requests import chat_prompt, parse_chat_inputs
-from ..backend import Backend
+from ..backend import Backend, BackendUnavailable
 from ..config import ServerConfig
 from ..errors import APIError
 from ..generation import Choice, Generation, collect
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 def sampling_options(request: Any, defaults: Mapping[str, Any]) -> Dict[str, Any]:
     """transformers-style options for an OpenAI request's temperature, top_p and penalties.
 
-    ``temperature: 0`` is greedy; an omitted temperature/top_p falls back to
+    ``temperature: 0`` (or below ``SAMPLING_EPS``, as vLLM) is greedy; an omitted temperature/top_p falls back to
     the checkpoint's defaults. Penalties are passed on only when non-zero, so
     an engine without them refuses them (400) rather than ignoring them.
 
@@ -48,6 +49,8 @@ def sampling_options(request: Any, defaults: Mapping[str, Any]) -> Dict[str, Any
         {'do_sample': True, 'temperature': 0.7}
         >>> sampling_options(R(temperature=0, top_p=0.9, frequency_penalty=0, presence_penalty=0), {})
         {'do_sample': False}
+        >>> sampling_options(R(temperature=1e-40, top_p=None, frequency_penalty=0, presence_penalty=0), {})
+        {'do_sample': False}
     """
     # do_sample is always explicit: an engine would otherwise fall back to the
     # checkpoint's generation_config, which may sample where the request is greedy.
@@ -55,7 +58,7 @@ def sampling_options(request: Any, defaults: Mapping[str, Any]) -> Dict[str, Any
     temperature = request.temperature
     if temperature is None and request.top_p is None and not defaults.get("do_sample", False):
         pass  # the checkpoint decodes greedily by default
-    elif temperature != 0:
+    elif temperature is None or temperature >= SAMPLING_EPS:
         temperature = defaults.get("temperature", 1.0) if temperature is None else temperature
         top_p = defaults.get("top_p", 1.0) if request.top_p is None else request.top_p
         options["do_sample"] = True
@@ -66,13 +69,53 @@ def sampling_options(request: Any, defaults: Mapping[str, Any]) -> Dict[str, Any
     for penalty in ("frequency_penalty", "presence_penalty"):
         if getattr(request, penalty, 0):
             options[penalty] = getattr(request, penalty)
+    options.update(vllm_options(request))
     return options
+
+
+# vLLM's request extensions and the transformers-style options they set.
+VLLM_EXTENSIONS = {"min_tokens": "min_new_tokens", "top_k": "top_k", "repetition_penalty": "repetition_penalty"}
+
+
+def vllm_options(request: Any) -> Dict[str, Any]:
+    """vLLM's ``min_tokens``, ``top_k`` and ``repetition_penalty`` as options, when they change anything.
+
+    Example:
+        >>> from types import SimpleNamespace as R
+        >>> vllm_options(R(min_tokens=4, top_k=-1, repetition_penalty=1.2))
+        {'min_new_tokens': 4, 'top_k': 0, 'repetition_penalty': 1.2}
+        >>> vllm_options(R(min_tokens=0, top_k=None, repetition_penalty=None))
+        {}
+    """
+    options: Dict[str, Any] = {}
+    if getattr(request, "min_tokens", 0):
+        options["min_new_tokens"] = request.min_tokens
+    if getattr(request, "top_k", None) is not None:
+        options["top_k"] = max(request.top_k, 0)  # vLLM's -1 is transformers' 0: no top-k
+    if getattr(request, "repetition_penalty", None) is not None:
+        options["repetition_penalty"] = request.repetition_penalty
+    return options
+
+
+def logprobs_settings(request: Any) -> Dict[str, Any]:
+    """``SamplingParams`` fields for a request's ``logprobs``: chat's bool + ``top_logprobs``, or completions' k.
+
+    ``echo`` with logprobs also scores the prompt (``prompt_logprobs``).
+    """
+    logprobs = getattr(request, "logprobs", None)
+    top = getattr(request, "top_logprobs", None)
+    if isinstance(logprobs, bool) or logprobs is None and top is not None:  # chat
+        if top is not None and not logprobs:
+            raise APIError(400, "top_logprobs: needs \"logprobs\": true", param="top_logprobs")
+        k = (top or 0) if logprobs else None
+    else:
+        k = logprobs
+    echo = getattr(request, "echo", False) and k is not None
+    return {"logprobs": k, "prompt_logprobs": k if echo else None}
 
 
 def refuse_unsupported(request: Any) -> None:
     """400 for the request fields this server cannot honour, named."""
-    if getattr(request, "logprobs", None) or getattr(request, "top_logprobs", None):
-        raise APIError(400, "logprobs: not supported by this server", param="logprobs")
     if getattr(request, "logit_bias", None):
         raise APIError(400, "logit_bias: not supported by this server", param="logit_bias")
     if getattr(request, "suffix", None):
@@ -119,7 +162,8 @@ def dialog_of(messages: Sequence[Any], where: str = "messages") -> List[Dict[str
 
     Example:
         >>> from types import SimpleNamespace as M
-        >>> dialog_of([M(role="developer", content="Be brief."), M(role="user", content=[{"type": "text", "text": "Hi"}]),
+        >>> dialog_of([M(role="developer", content="Be brief."),
+        ...            M(role="user", content=[{"type": "text", "text": "Hi"}]),
         ...            M(role="assistant", content=None), M(role="user", content="Again")])
         ... # doctest: +NORMALIZE_WHITESPACE
         [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'},
@@ -151,7 +195,8 @@ def _text(content: Any, role: str, where: str) -> str:
             raise APIError(400, f"{where}.{index}: this model takes text only, not a part of type {kind!r}",
                            param=f"{where}.{index}")
         if not isinstance(text, str):
-            raise APIError(400, f"{where}.{index}.text: a part of type {kind!r} needs its text", param=f"{where}.{index}.text")
+            raise APIError(400, f"{where}.{index}.text: a part of type {kind!r} needs its text",
+                           param=f"{where}.{index}.text")
         texts.append(text)
     return "".join(texts)
 
@@ -229,13 +274,16 @@ class RequestBuilder:
         """
         sampling = SamplingParams(max_new_tokens=max_new_tokens, stop=stops(getattr(request, "stop", None)),
                                   seed=getattr(request, "seed", None),
-                                  options=sampling_options(request, self.defaults), structured=structured)
+                                  options=sampling_options(request, self.defaults), structured=structured,
+                                  ignore_eos=getattr(request, "ignore_eos", False), **logprobs_settings(request))
+        request_names = {option: name for name, option in VLLM_EXTENSIONS.items()}
         for key, value in sampling.options.items():  # one by one, to name the field refused
             try:
                 self.backend.check_sampling(SamplingParams(max_new_tokens, options={key: value}), "body")
             except ValueError:
-                raise APIError(400, f"{key}: not supported by the {self.backend.engine_name} engine",
-                               param=key) from None
+                name = request_names.get(key, key)
+                raise APIError(400, f"{name}: not supported by the {self.backend.engine_name} engine",
+                               param=name) from None
         if structured is not None:
             try:
                 self.backend.check_sampling(SamplingParams(max_new_tokens, structured=structured), structured_param)
@@ -297,7 +345,8 @@ class Handler:
                       build: Callable[[str, List[Choice]], Any]) -> Any:
         """Generate ``prompts``; SSE chunks from ``stream_chunks`` or one response from ``build``."""
         response_id = f"{kind}-{uuid.uuid4().hex}"
-        deltas = self.generation.run(prompts)
+        # Past the choice limit, name what made the request big: its n, or (completions) its list of prompts.
+        deltas = self.generation.run(prompts, param="n" if len(prompts) == getattr(body, "n", 1) else "prompt")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return self.streaming(stream_chunks(response_id, deltas, include_usage))
@@ -344,6 +393,10 @@ class Handler:
             except APIError as error:  # after the status line went out: an error event, as vLLM sends
                 metrics.requests.labels(status=str(error.status)).inc()
                 yield sse(error.body.model_dump_json())
+            except BackendUnavailable as error:  # replica gone, or the server's drain timeout passed
+                metrics.requests.labels(status="503").inc()
+                yield sse(ErrorResponse.of(f"The model is not available: {error}",
+                                           "service_unavailable_error").model_dump_json())
             except Exception:
                 logger.exception("generation failed mid-stream")
                 metrics.requests.labels(status="500").inc()
