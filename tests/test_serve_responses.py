@@ -74,6 +74,9 @@ def test_streamed_events_in_order_and_the_response_is_stored(client):
     assert events[0].response.status == "in_progress" and completed.status == "completed"
     assert completed.usage.output_tokens > 0
     assert client.responses.retrieve(completed.id).output_text == HANGZHOU
+    client.responses.delete(completed.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(completed.id)
 
 
 def test_conversation_continues_by_previous_response_id(server, client):

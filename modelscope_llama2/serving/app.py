@@ -126,6 +126,10 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
     async def retrieve_response(response_id: str) -> Dict[str, Any]:
         return responses.retrieve(response_id)
 
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> Dict[str, Any]:
+        return responses.delete(response_id)
+
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         return tokenization.tokenize(body)

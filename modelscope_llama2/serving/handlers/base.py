@@ -162,7 +162,8 @@ def dialog_of(messages: Sequence[Any], where: str = "messages") -> List[Dict[str
 
     Example:
         >>> from types import SimpleNamespace as M
-        >>> dialog_of([M(role="developer", content="Be brief."), M(role="user", content=[{"type": "text", "text": "Hi"}]),
+        >>> dialog_of([M(role="developer", content="Be brief."),
+        ...            M(role="user", content=[{"type": "text", "text": "Hi"}]),
         ...            M(role="assistant", content=None), M(role="user", content="Again")])
         ... # doctest: +NORMALIZE_WHITESPACE
         [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'},
@@ -194,7 +195,8 @@ def _text(content: Any, role: str, where: str) -> str:
             raise APIError(400, f"{where}.{index}: this model takes text only, not a part of type {kind!r}",
                            param=f"{where}.{index}")
         if not isinstance(text, str):
-            raise APIError(400, f"{where}.{index}.text: a part of type {kind!r} needs its text", param=f"{where}.{index}.text")
+            raise APIError(400, f"{where}.{index}.text: a part of type {kind!r} needs its text",
+                           param=f"{where}.{index}.text")
         texts.append(text)
     return "".join(texts)
 

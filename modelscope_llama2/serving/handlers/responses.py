@@ -5,7 +5,8 @@ system message) becomes the same Meta-exact prompt ``/v1/chat/completions``
 builds. With ``store`` (OpenAI's default) the response is kept in a
 :class:`ResponseStore`, a bounded in-memory LRU; a request with
 ``previous_response_id`` continues that conversation (its input and
-answer, not its instructions, as OpenAI does). A stream is the Responses
+answer, not its instructions, as OpenAI does); ``DELETE /v1/responses/{id}``
+forgets one. A stream is the Responses
 event sequence: ``response.created``, ``response.in_progress``,
 ``response.output_item.added``, ``response.content_part.added``,
 ``response.output_text.delta``..., ``response.output_text.done``,
@@ -64,6 +65,9 @@ class ResponseStore:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
+    def delete(self, response_id: str) -> bool:
+        return self._entries.pop(response_id, None) is not None
+
     def get(self, response_id: str) -> Optional[StoredResponse]:
         stored = self._entries.get(response_id)
         if stored is not None:
@@ -96,6 +100,11 @@ class ResponsesHandler(Handler):
 
     def retrieve(self, response_id: str) -> Dict[str, Any]:
         return self._stored(response_id, "response_id").response.model_dump()
+
+    def delete(self, response_id: str) -> Dict[str, Any]:
+        self._stored(response_id, "response_id")
+        self.store.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
 
     async def create(self, body: ResponsesRequest, request: Request) -> Any:
         self.builder.check_model(body.model)
