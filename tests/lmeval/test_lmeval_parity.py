@@ -24,6 +24,7 @@ from tests.helpers import running_server
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-4
+KEY = "sk-lmeval"  # lm-eval's API models send $OPENAI_API_KEY as the bearer token
 
 MULTIPLE_CHOICE = """\
 task: demo_multiple_choice
@@ -72,14 +73,14 @@ def tasks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server_url():
-    with running_server(build_app(DEMO_DIR, "demo")) as url:
+    with running_server(build_app(DEMO_DIR, "demo", api_key=KEY)) as url:
         yield url
 
 
 def lm_eval(tmp_path, tasks, model, model_args, *extra):
     """Run the ``lm_eval`` CLI; returns ``(results of the task, its logged samples by doc_id)``."""
     out = tmp_path / model
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": "unused",
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": KEY,
            "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "lm_eval", "--model", model, "--model_args", model_args, "--tasks",
                tasks[1], "--include_path", tasks[0], "--output_path", str(out), "--log_samples", *extra]
