@@ -20,6 +20,7 @@ Example:
     (True, 'resp_b')
 """
 
+import asyncio
 import time
 import uuid
 from collections import OrderedDict
@@ -103,10 +104,11 @@ class ResponsesHandler(Handler):
             if body.previous_response_id else ()
         conversation = (*earlier, *dialog_of(input_messages(body), "input"))
         system = ({"role": "system", "content": body.instructions},) if body.instructions else ()
-        prompts = self.builder.chat(body, [*system, *conversation], body.max_output_tokens,
-                                    truncate=body.truncation == "auto", max_tokens_param="max_output_tokens")
+        # Off the event loop: a huge request's prompt takes a while to fit and encode.
+        prompts = await asyncio.to_thread(self.builder.chat, body, [*system, *conversation], body.max_output_tokens,
+                                          truncate=body.truncation == "auto", max_tokens_param="max_output_tokens")
         response_id, item_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
-        deltas = self.generation.run(prompts)
+        deltas = self.generation.run(prompts, whole=not body.stream)
         if body.stream:
             return self.streaming(self._events(body, prompts[0], conversation, response_id, item_id, deltas),
                                   done=False)
