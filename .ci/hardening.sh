@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CI step for the protocol property test (tests/schemathesis): Schemathesis in a venv of its own, cached under
 # ${XDG_CACHE_HOME:-$HOME/.cache}/modelscope_llama2-ci and stamped by the version it installs (its pins would
-# move this package's dependencies), then the test from the CI venv against a real server. About 5 minutes on
-# 2 cores (a 240 s Schemathesis budget).
+# move this package's dependencies), then the test from the CI venv against a real server. About 3 minutes on
+# 2 cores (a 150 s Schemathesis budget).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCHEMATHESIS_VERSION=4.32.5

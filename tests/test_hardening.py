@@ -297,3 +297,20 @@ def test_sigterm_drains_every_stream_to_done_and_exits_cleanly(serve_process):
         events = [line[6:] for line in body if line.startswith("data: ")]
         assert events and events[-1] == "[DONE]", (body[:3], body[-3:])
         assert json.loads(events[-2])["error"]["type"] == "service_unavailable_error"
+
+
+@pytest.mark.parametrize("size", [10, 200_000])  # FastAPI's path, and the one validating off the loop
+def test_large_bodies_are_validated_like_small_ones(server, size):
+    url, _ = server
+    text = "a " * (size // 2)
+    bad = httpx.post(url + "/v1/completions", headers=AUTH, json={"model": "tiny", "prompt": text, "n": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "n", bad.text
+    extra = httpx.post(url + "/v1/completions", headers=AUTH, json={"model": "tiny", "prompt": text, "bogus": 1})
+    assert extra.status_code == 400 and extra.json()["error"]["message"] == \
+        "Unrecognized request argument supplied: bogus", extra.text
+    broken = httpx.post(url + "/v1/completions", headers={**AUTH, "Content-Type": "application/json"},
+                        content=b'{"model": "tiny", "prompt": "' + text.encode() + b'"')
+    assert broken.status_code == 400 and broken.json()["error"]["message"] == "The request body is not valid JSON."
+    ok = httpx.post(url + "/v1/completions", headers=AUTH, timeout=120, json={
+        "model": "tiny", "prompt": text[:2000], "max_tokens": 2, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length", ok.text

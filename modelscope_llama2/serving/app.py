@@ -39,6 +39,7 @@ from .handlers.responses import ResponsesHandler, ResponseStore
 from .handlers.tokenization import TokenizationHandler
 from .metrics import ServerMetrics
 from .middleware import GuardMiddleware
+from .offload import OffLoopBodyRoute
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
                        ModelList, ResponsesRequest, TokenizeRequest, TokenizeResponse, TokenizerInfo)
 
@@ -85,6 +86,7 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
 
     app = FastAPI(title="modelscope_llama2 OpenAI-compatible server", lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url="/openapi.json")
+    app.router.route_class = OffLoopBodyRoute  # large bodies validate in a thread, not on the loop
     app.state.metrics, app.state.admission, app.state.backend = metrics, admission, backend
     app.state.drain = drain = Drain(generation)
     install_error_handlers(app, metrics)
@@ -106,7 +108,8 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
         builder.check_model(model_id)
         return card
 
-    @app.get("/metrics")
+    # Prometheus' text format, documented as such in /openapi.json.
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 

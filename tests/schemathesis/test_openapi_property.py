@@ -27,7 +27,7 @@ def test_generated_requests_get_no_server_error_and_conform_to_the_schema(tiny_d
              "-H", f"Authorization: Bearer {KEY}",
              "--checks", "not_a_server_error,response_schema_conformance,content_type_conformance",
              # max_tokens kept small by the examples' size: generation is bounded by --max-time too.
-             "--max-examples", "40", "--max-time", "240", "--seed", "19", "--request-timeout", "60",
+             "--max-examples", "40", "--max-time", "150", "--seed", "19", "--request-timeout", "60",
              "--phases", "examples,coverage,fuzzing", "--report", "json", "--report-json-path", str(report)],
             capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
