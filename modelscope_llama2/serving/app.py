@@ -39,7 +39,6 @@ from .handlers.responses import ResponsesHandler, ResponseStore
 from .handlers.tokenization import TokenizationHandler
 from .metrics import ServerMetrics
 from .middleware import GuardMiddleware
-from .offload import OffLoopBodyRoute
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
                        ModelList, ResponsesRequest, TokenizeRequest, TokenizeResponse, TokenizerInfo)
 
@@ -86,7 +85,6 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
 
     app = FastAPI(title="modelscope_llama2 OpenAI-compatible server", lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url="/openapi.json")
-    app.router.route_class = OffLoopBodyRoute  # large bodies validate in a thread, not on the loop
     app.state.metrics, app.state.admission, app.state.backend = metrics, admission, backend
     app.state.drain = drain = Drain(generation)
     install_error_handlers(app, metrics)
