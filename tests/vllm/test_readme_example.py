@@ -20,4 +20,4 @@ def test_readme_cpu_example_answers(tmp_path):
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": REPO_ROOT}, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.splitlines()[-1] == HANGZHOU
+    assert HANGZHOU in done.stdout.splitlines()  # among vLLM's own log lines
