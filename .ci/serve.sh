@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CI step for the OpenAI-compatible server. Its tests (tests/test_serve.py, tests/test_continuous_batching.py:
+# CI step for the OpenAI-compatible server. Its tests (tests/test_serve.py, tests/test_batching.py:
 # the official openai SDK against a real uvicorn on 127.0.0.1) and its doctests run in the main pass, since the
 # test extra brings the server's dependencies; this step checks that the [serve] extra as declared installs
 # and that the command line starts.

@@ -123,6 +123,18 @@ RAY_ONLY_FLAGS = ("--ray-address", "--min-replicas", "--max-replicas", "--target
 
 
 def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    # Slow, idle and too many clients; shutdown (issue 19). Defaults are safe for a public address.
+    parser.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a request's headers may take (default: 10)")
+    parser.add_argument("--body-timeout", type=float, default=30.0,
+                        help="seconds a request's body may take, 408 past it (default: 30)")
+    parser.add_argument("--keep-alive", type=float, default=5.0,
+                        help="seconds an idle keep-alive connection stays open (default: 5)")
+    parser.add_argument("--max-connections", type=int, default=512,
+                        help="connections at once, 503 past it (default: 512)")
+    parser.add_argument("--drain-timeout", type=float, default=10.0,
+                        help="on SIGTERM/Ctrl-C, seconds in-flight requests may finish before they end with an "
+                             "error (default: 10)")
     group = parser.add_argument_group(
         'scale-out on Ray Serve (pip install "modelscope_llama2[ray]")',
         "With --replicas the same API is served by N engine replicas on a Ray cluster, each conversation kept "
@@ -162,9 +174,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model or "modelscope-llama2-demo"
     if args.replicas is not None:
         return _run_serve_on_ray(args, model_dir, name)
+    from .serving.server import ConnectionLimits
+
     app = build_app(model_dir, name, engine=args.engine, dtype=args.dtype, device=args.device, api_key=args.api_key,
-                    max_running=args.max_running, max_waiting=args.max_waiting)
-    run(app, args.host, args.port, args.api_key)
+                    max_running=args.max_running, max_waiting=args.max_waiting, body_timeout=args.body_timeout)
+    run(app, args.host, args.port, args.api_key,
+        ConnectionLimits(args.header_timeout, args.keep_alive, args.max_connections, args.drain_timeout))
     return 0
 
 
@@ -176,7 +191,9 @@ def _run_serve_on_ray(args: argparse.Namespace, model_dir: str, name: str) -> in
     # A hub id is fetched by each replica on its own node; a directory must exist on every node.
     local = args.model is None or os.path.isdir(os.path.expanduser(args.model))
     engine = on_ray.EngineSpec(model_dir if local else args.model, revision=None if local else args.revision,
-                               engine=args.engine, dtype=args.dtype, device=args.device)
+                               engine=args.engine, dtype=args.dtype, device=args.device,
+                               # Each replica batches all Serve lets it hold: nothing waits inside it.
+                               max_concurrent=args.max_ongoing_requests)
     config = ServerConfig(name, api_key=args.api_key, default_sampling=default_sampling(model_dir),
                           max_running=args.max_running, max_waiting=args.max_waiting)
     scale = on_ray.ScaleSpec(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,

@@ -44,8 +44,7 @@ class StreamingDetokenizer:
         # leading-space handling the same as for a full decode.
         self._read = len(self._ids)
         self._start = max(0, self._read - 4)
-        self._stops = tuple(stop)
-        self._longest_stop = max(map(len, self._stops), default=0)
+        self._stops = tuple(_StopMatcher(s) for s in stop)
         self.text = ""  # settled text, cut at a stop
         self._shown = 0  # characters of text returned so far
         self.stopped = False
@@ -75,9 +74,9 @@ class StreamingDetokenizer:
         return self._reveal(final=True)
 
     def _append(self, new_text: str) -> None:
-        begin = max(0, len(self.text) - self._longest_stop + 1)
+        start = len(self.text)
         self.text += new_text
-        cuts = [i for i in (self.text.find(stop, begin) for stop in self._stops) if i >= 0]
+        cuts = [cut for cut in (stop.feed(new_text, start) for stop in self._stops) if cut is not None]
         if cuts:
             self.text = self.text[: min(cuts)]
             self.stopped = True
@@ -85,12 +84,55 @@ class StreamingDetokenizer:
     def _reveal(self, final: bool) -> str:
         end = len(self.text)
         if not (final or self.stopped):
-            end -= max((n for stop in self._stops for n in range(1, len(stop))
-                        if self.text.endswith(stop[:n])), default=0)
+            # The longest tail that may still grow into a stop string is held back.
+            end -= max((stop.matched for stop in self._stops), default=0)
         if end <= self._shown:
             return ""
         segment, self._shown = self.text[self._shown:end], end
         return segment
+
+
+class _StopMatcher:
+    """Where one stop string first occurs in a growing text, at O(new text) per call (Knuth-Morris-Pratt).
+
+    :attr:`matched` is the length of the longest tail of the text so far that
+    starts the stop string: what must be held back. Checking every prefix
+    with ``endswith`` would cost O(len(stop)^2) a token, seconds for a long stop.
+
+    Example:
+        >>> stop = _StopMatcher("abab")
+        >>> stop.feed("xaba", 0), stop.matched
+        (None, 3)
+        >>> stop.feed("bab", 4)
+        1
+    """
+
+    def __init__(self, stop: str):
+        self.stop = stop
+        self.matched = 0
+        # fallback[k]: the longest proper prefix of stop[:k + 1] that is also its suffix.
+        self._fallback = [0] * len(stop)
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self._fallback[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self._fallback[i] = k
+
+    def feed(self, new_text: str, offset: int) -> Optional[int]:
+        """Take text appended at ``offset``; the start of the first full match in it, or None."""
+        stop, k = self.stop, self.matched
+        for i, char in enumerate(new_text):
+            while k and char != stop[k]:
+                k = self._fallback[k - 1]
+            if char == stop[k]:
+                k += 1
+                if k == len(stop):
+                    self.matched = k
+                    return offset + i + 1 - k
+        self.matched = k
+        return None
 
 
 @dataclass(frozen=True)
@@ -109,6 +151,17 @@ class TextDelta:
     usage: Optional[Usage] = None
     logprobs: Tuple[TokenLogprob, ...] = ()
     prompt_logprobs: Optional[Tuple[Optional[TokenLogprob], ...]] = None
+
+    def then(self, later: "TextDelta") -> "TextDelta":
+        """This delta and the ``later`` one of the same request as one (for a consumer that fell behind).
+
+        Example:
+            >>> TextDelta("r", "West", (1,)).then(TextDelta("r", " Lake", (2,), "stop")).text
+            'West Lake'
+        """
+        return TextDelta(self.request_id, self.text + later.text, self.token_ids + later.token_ids,
+                         later.finish_reason, later.usage, self.logprobs + later.logprobs,
+                         self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs)
 
 
 def detokenizer_for(prompt: Prompt, tokenizer) -> StreamingDetokenizer:

@@ -25,6 +25,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
+from typing_extensions import NotRequired
+
 import torch
 from modelscope.models.base import Model, TorchModel
 from transformers import LlamaForCausalLM
@@ -35,6 +37,7 @@ from .decoding import decode_stream
 from .engines.base import Engine, Usage
 from .engines.prefix_cache import DEFAULT_MAX_BYTES, PromptCache
 from .engines.transformers_engine import TransformersEngine
+from .prompts.chat_format import answer_text
 from .prompts.prompt import Prompt
 from .prompts.requests import (
     chat_prompt,
@@ -43,6 +46,7 @@ from .prompts.requests import (
     parse_chat_inputs,
     parse_completion_inputs,
 )
+from .prompts.tools import parse_tool_output
 from .tokenizer import Llama2Tokenizer, sentencepiece_tokenizer
 
 Inputs = Union[Dict[str, Any], Sequence[Dict[str, Any]]]
@@ -63,6 +67,9 @@ class ChatResult(TypedDict):
     finish_reason: Optional[str]  # 'eos', 'stop' or 'length'
     usage: Optional[UsageDict]
     dropped_rounds: int  # oldest history rounds left out of the prompt to fit the context
+    # With tools: OpenAI's tool calls ({'id', 'type': 'function', 'function': {'name', 'arguments'}}),
+    # empty for a plain answer; finish_reason is then 'tool_calls'.
+    tool_calls: NotRequired[List[Dict[str, Any]]]
 
 
 class CompletionResult(TypedDict):
@@ -109,10 +116,13 @@ class ChatMethods:
         settings (``max_new_tokens``, ``do_sample``, ``temperature``,
         ``top_p``, ...). Sampling defaults come from the checkpoint's
         ``generation_config.json``. A list of dicts runs as one batch.
+        ``response_format`` (OpenAI's ``json_object``/``json_schema``) and
+        ``tools``/``tool_choice``/``parallel_tool_calls`` constrain the answer
+        (constrained decoding; see README "Structured outputs and tools").
 
         Returns a :class:`ChatResult`: ``{'response', 'history',
-        'finish_reason', 'usage', 'dropped_rounds'}``; ``history`` is a new
-        list ending with (text, response).
+        'finish_reason', 'usage', 'dropped_rounds'}`` (plus ``tool_calls``
+        with tools); ``history`` is a new list ending with (text, response).
 
         Example:
             >>> out = model.chat({"text": "Who are you?", "system": "Be brief.", "do_sample": False}, tokenizer)
@@ -233,9 +243,22 @@ def shape_result(prompt: Prompt, text: str, finish_reason: Optional[str], usage:
     if prompt.kind == "completion":
         return CompletionResult(text=prompt.message + text if prompt.echo else text, finish_reason=finish_reason,
                                 usage=usage_dict)
-    response = text.strip()
+    response = answer_text(text)
+    if prompt.tools is not None:
+        return _tool_result(prompt, response, finish_reason, usage_dict)
     return ChatResult(response=response, history=[*prompt.history, (prompt.message, response)],
                       finish_reason=finish_reason, usage=usage_dict, dropped_rounds=prompt.dropped_rounds)
+
+
+def _tool_result(prompt: Prompt, generated: str, finish_reason: Optional[str],
+                 usage: Optional[UsageDict]) -> ChatResult:
+    """A chat answer in the tool format: the plain answer's text, or the calls; history keeps what was generated."""
+    content, calls = parse_tool_output(generated, prompt.tools) if finish_reason else ("", ())
+    if calls and finish_reason == "eos":
+        finish_reason = "tool_calls"
+    return ChatResult(response=content or "", history=[*prompt.history, (prompt.message, content or generated)],
+                      finish_reason=finish_reason, usage=usage, dropped_rounds=prompt.dropped_rounds,
+                      tool_calls=[call.as_openai() for call in calls])
 
 
 def usage_as_dict(usage: Usage) -> UsageDict:

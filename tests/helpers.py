@@ -133,6 +133,9 @@ def build_tiny_checkpoint(directory: str, configuration: dict = None, seed: int 
 def build_scripted_checkpoint(directory: str, script: str, tokenizer_dir: str, configuration: dict = None) -> str:
     """A checkpoint whose greedy answer to any chat prompt is ``script`` followed by EOS.
 
+    ``script``: a text, or a list of sentencepiece pieces (for whitespace the
+    encoder would normalise away).
+
     Every decoder block's output projections are zeroed, so the residual
     stream is the current token's embedding and the next token depends on the
     current one only; ``lm_head`` then maps each token of the chain
@@ -142,7 +145,8 @@ def build_scripted_checkpoint(directory: str, script: str, tokenizer_dir: str, c
     """
     build_tiny_checkpoint(directory, configuration=configuration, tokenizer_dir=tokenizer_dir)
     sp = spm.SentencePieceProcessor(model_file=os.path.join(directory, "tokenizer.model"))
-    chain = [sp.encode("[INST] x [/INST]")[-1], *sp.encode(script), sp.eos_id()]
+    script_ids = sp.encode(script) if isinstance(script, str) else [sp.piece_to_id(piece) for piece in script]
+    chain = [sp.encode("[INST] x [/INST]")[-1], *script_ids, sp.eos_id()]
     if len(set(chain[:-1])) != len(chain) - 1:
         raise ValueError(f"script {script!r}: every token must be distinct so the chain cannot loop")
     model = LlamaForCausalLM.from_pretrained(directory)

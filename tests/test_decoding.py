@@ -153,3 +153,45 @@ def test_work_per_token_does_not_grow_with_the_answer(tokenizer):
     pieces = stream(StreamingDetokenizer(counting), ids)
     assert "".join(pieces) == tokenizer.decode(ids)
     assert len(ids) == 2000 and max(counting.lengths) <= 12
+
+
+def test_stop_matching_agrees_with_the_plain_search_on_repetitive_text():
+    # Small alphabets make overlapping partial matches (the KMP fallbacks) common.
+    from modelscope_llama2.decoding import _StopMatcher
+
+    for seed in range(500):
+        rng = random.Random(seed)
+        stop = "".join(rng.choice("ab") for _ in range(rng.randint(1, 7)))
+        matcher, text, cut = _StopMatcher(stop), "", None
+        while cut is None and len(text) < 40:
+            piece = "".join(rng.choice("abc") for _ in range(rng.randint(1, 4)))
+            cut = matcher.feed(piece, len(text))
+            text += piece
+            if cut is None:
+                assert stop not in text, (seed, stop, text)
+                held = max((n for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+                assert matcher.matched == held, (seed, stop, text)
+        if cut is not None:
+            assert cut == text.find(stop), (seed, stop, text)
+
+
+class CountingStr(str):
+    """A stop string that counts the characters read from it."""
+
+    reads = 0
+
+    def __getitem__(self, index):
+        CountingStr.reads += 1
+        return str.__getitem__(self, index)
+
+
+def test_stop_matching_per_token_does_not_grow_with_the_stop_length(tokenizer):
+    # Finding 1 of issue 19: 200 KB stop strings froze the server (every prefix tried on every token).
+    ids = tokenizer.encode(" ".join(TEXTS * 10))[:300]
+    for length in (1_000, 100_000):
+        detok = StreamingDetokenizer(tokenizer, stop=[CountingStr("West Lake, Lingyin X" + "y" * length)])
+        CountingStr.reads = 0
+        text = "".join(stream(detok, ids))
+        assert text == tokenizer.decode(ids) and not detok.stopped
+        # About two reads a character of text, whatever the stop's length.
+        assert CountingStr.reads <= 3 * len(text), (length, CountingStr.reads)

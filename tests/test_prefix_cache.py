@@ -155,3 +155,26 @@ def test_prompt_cache_refuses_bad_bounds():
         PromptCache(max_entries=-1)
     with pytest.raises(ValueError, match="max_bytes: expected a non-negative int or None"):
         PromptCache(max_bytes="1GB")
+
+
+def held_bytes(kv):
+    """Bytes of the storage behind a KV cache's tensors (a cropped view still holds all of it)."""
+    return sum(t.untyped_storage().nbytes() for layer in kv.layers for t in (layer.keys, layer.values))
+
+
+def test_a_diverging_prompt_copies_only_the_shared_prefix_within_the_byte_cap(tiny_model, tokenizer):
+    # Finding 15 of issue 19: the whole cache was deep-copied (memory doubled, uncounted) before cropping.
+    cache = tiny_model.set_prompt_cache(max_entries=4)
+    converse(tiny_model, tokenizer, ["Where is the capital of Zhejiang?"])
+    held, (length,) = cache.nbytes, [len(ids) for ids, *_ in cache._entries.values()]
+    other = encode_dialog(dialog_from_history("Something else", [], SYSTEM), tokenizer.sp_model.encode, 1, 2)
+    kv, usable = cache.checkout(other)
+    assert 0 < usable < length * 0.6 and kv.get_seq_length() == usable
+    assert held_bytes(kv) == held * usable // length  # the prefix, not a copy of everything
+    assert len(cache) == 1 and cache.nbytes == held  # the entry stays for its own conversation
+
+    # With no room for a copy next to it, the entry itself is taken: memory never exceeds the cap.
+    cache = tiny_model.set_prompt_cache(max_entries=4, max_bytes=held)
+    converse(tiny_model, tokenizer, ["Where is the capital of Zhejiang?"])
+    kv, usable = cache.checkout(other)
+    assert kv.get_seq_length() == usable and len(cache) == 0

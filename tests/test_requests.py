@@ -89,3 +89,40 @@ def test_parsing_never_touches_the_callers_objects(tokenizer):
     chat_prompt(parse_chat_inputs({"messages": messages}), tokenizer)
     assert inputs == {"text": "c", "history": [["a", "b"]], "stop": ["x"]} and history == [["a", "b"]]
     assert messages[-1] == {"role": "user", "content": "c"} and len(messages) == 3
+
+
+@pytest.mark.parametrize("inputs, field", [
+    ({"text": "x\ud800y"}, "inputs['text']"),
+    ({"text": "hi", "system": "\udfff"}, "inputs['system']"),
+    ({"text": "hi", "history": [("ok", "a\udc00")]}, "inputs['history'][0][1]"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0]['content']"),
+    ({"text": "hi", "stop": ["ok", "\ud800"]}, "inputs['stop'][1]"),
+])
+def test_text_that_cannot_be_encoded_is_refused_naming_the_field(inputs, field):
+    with pytest.raises(ValueError, match=rf"^{field.replace('[', '.').replace(']', '.')}: contains a lone UTF-16"):
+        parse_chat_inputs(inputs)
+    # A real pair of surrogates (what JSON spells an emoji with) was decoded to one character: that is fine.
+    assert parse_chat_inputs({"text": "\U0001F600"}).dialog[-1]["content"] == "\U0001F600"
+
+
+def test_completion_text_that_cannot_be_encoded_is_refused():
+    with pytest.raises(ValueError, match=r"^inputs\['text'\]: contains a lone UTF-16 surrogate \(U\+D800\) at "
+                                         "character 1"):
+        parse_completion_inputs({"text": "x\ud800"})
+
+
+def test_seeds_beyond_int64_are_refused():
+    assert parse_chat_inputs({"text": "hi", "seed": 2**63 - 1}).spec.seed == 2**63 - 1
+    with pytest.raises(ValueError, match=r"^inputs\['seed'\]: expected at most 2\*\*63 - 1, got 18446744073709551616"):
+        parse_chat_inputs({"text": "hi", "seed": 2**64})
+
+
+def test_temperatures_below_the_epsilon_are_greedy_as_in_vllm(tokenizer):
+    from modelscope_llama2.constants import SAMPLING_EPS
+
+    inputs = {"text": "hi", "temperature": 1e-40, "do_sample": True, "top_p": 0.9}
+    prompt = chat_prompt(parse_chat_inputs(inputs), tokenizer)
+    assert dict(prompt.sampling.options) == {"do_sample": False, "top_p": 0.9} and prompt.sampling.greedy
+    assert inputs["temperature"] == 1e-40 and inputs["do_sample"] is True  # the caller's dict is untouched
+    options = parse_chat_inputs({"text": "hi", "temperature": SAMPLING_EPS}).spec.generate_kwargs
+    assert options == {"temperature": SAMPLING_EPS}

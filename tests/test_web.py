@@ -208,7 +208,12 @@ def test_api_backend_answers_through_serve(demo_server, demo_backend):
     last = list(respond(backend, Conversation(rounds), ZHEJIANG, None, Settings(max_new_tokens=4000)))[-1]
     prompt_tokens, dropped = meta_prompt(demo_backend.tokenizer, None, rounds, ZHEJIANG, 4000)
     assert dropped > 0 and last.conversation.rounds[-1] == (ZHEJIANG, HANGZHOU)
-    assert last.note.startswith(f"{prompt_tokens} prompt tokens (")
+    # The server says how many rounds it dropped; the note says it as it does in-process (cached counts aside).
+    in_process = list(respond(demo_backend, Conversation(rounds), ZHEJIANG, None, Settings(max_new_tokens=4000)))[-1]
+    dropped_line = last.note.split("\n\n")[0]
+    assert dropped_line == in_process.note.split("\n\n")[0]
+    assert dropped_line.startswith(f"ℹ️ The {dropped} oldest rounds were left out of the prompt")
+    assert last.note.split("\n\n")[-1].startswith(f"{prompt_tokens} prompt tokens (")
     sampled = list(respond(backend, Conversation(), ZHEJIANG, None, Settings(8, 0.7, 0.9)))[-1]
     assert sampled.note.endswith(" generated") and len(sampled.conversation.rounds) == 1
 

@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Tupl
 
 from ..constants import API_KEY_ENV, CONTEXT_LENGTH
 from ..engines.base import Usage
+from ..engines.factory import serving_engine
 from ..prompts.chat_format import dialog_from_history
 from .terminal import DEMO_NOTICE, load_pipeline, resolve_model_dir
 
@@ -71,7 +72,7 @@ class Partial:
     """What a backend streams: the answer so far; the last one has ``finish_reason`` and ``usage``.
 
     ``dropped_rounds``: how many of the oldest rounds were left out of the
-    prompt to fit the context (always 0 through a server, which does not say).
+    prompt to fit the context (through a server: its ``dropped_rounds`` field).
     """
 
     text: str
@@ -244,8 +245,8 @@ def default_settings(model_dir: Optional[str]) -> Settings:
 class LocalBackend:
     """Answers in this process through the ModelScope facade: ``model.stream_chat(inputs, tokenizer)``."""
 
-    # One generation at a time on the shared weights; other tabs wait their turn.
-    concurrency_limit = 1
+    # The batching engine runs every tab's answer in the same forward passes.
+    concurrency_limit = API_CONCURRENCY
 
     def __init__(self, model: Any, tokenizer: Any, description: str = ""):
         self.model = model
@@ -307,8 +308,10 @@ class OpenAIBackend:
 
 def _stream_chunks(chunks: Iterator[Any]) -> Iterator[Partial]:
     """Partials from OpenAI chat completion chunks: the deltas joined, then finish reason and usage."""
-    text, shown, finish_reason, usage = "", "", None, None
+    text, shown, finish_reason, usage, dropped = "", "", None, None, 0
     for chunk in chunks:
+        # The server's extension field, in the first chunk of a "truncation": "auto" request.
+        dropped = getattr(chunk, "dropped_rounds", None) or dropped
         if chunk.usage is not None:
             details = chunk.usage.prompt_tokens_details
             usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens,
@@ -322,7 +325,7 @@ def _stream_chunks(chunks: Iterator[Any]) -> Iterator[Partial]:
         if text.strip() != shown:
             shown = text.strip()
             yield Partial(shown)
-    yield Partial(shown, finish_reason or "stop", 0, usage)
+    yield Partial(shown, finish_reason or "stop", dropped, usage)
 
 
 def _api_message(error: Any) -> str:
@@ -340,6 +343,8 @@ def local_backend(model: Optional[str] = None, revision: Optional[str] = None, d
     model_dir = resolve_model_dir(model, revision)
     # The chat pipeline loads through Model.from_pretrained with the terminal chat's device handling.
     pipe = load_pipeline(model_dir, device, dtype)
+    # The serving engine, not the eager one: two tabs answer at once instead of one after the other.
+    pipe.model.engine = serving_engine(pipe.model, max_batch_size=API_CONCURRENCY)
     description = DEMO_NOTICE if model is None else f"Model: `{model}`, in this process on {pipe.model.device}."
     return LocalBackend(pipe.model, pipe.tokenizer, description)
 

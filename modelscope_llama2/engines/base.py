@@ -13,6 +13,9 @@ Contract:
   order tokens are produced. Each event carries the request's *new* ids
   since its previous event (EOS never included). A request's last event has
   ``finish_reason`` (``eos``, ``length``, ``stop`` or ``abort``) and ``usage``.
+  An engine failure raises in the consumer.
+* Engines that push events (``submit(prompt, on_event)``) end a failed
+  request with ``finish_reason='error'`` instead (the cause is logged).
 * Closing the iterator early aborts the requests it has not finished.
 * ``abort(request_id)`` may be called from any thread; that request ends with
   ``finish_reason='abort'``; other requests are not affected.
@@ -20,12 +23,14 @@ Contract:
 """
 
 import abc
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import AbstractSet, Iterator, Optional, Sequence, Tuple
 
 from ..prompts.prompt import Prompt, SamplingParams
 
-FINISH_REASONS = ("eos", "length", "stop", "abort")
+FINISH_REASONS = ("eos", "length", "stop", "abort", "error")
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,50 @@ class TokenEvent:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def then(self, later: "TokenEvent") -> "TokenEvent":
+        """This event and the ``later`` one of the same request as one (a consumer that fell behind gets both at once).
+
+        Example:
+            >>> TokenEvent("r", (5,)).then(TokenEvent("r", (6,), "eos", Usage(3, 2))).token_ids
+            (5, 6)
+        """
+        return TokenEvent(self.request_id, self.token_ids + later.token_ids, later.finish_reason, later.usage,
+                          self.logprobs + later.logprobs,
+                          self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs)
+
+
+class EventBuffer:
+    """Token events handed from producer threads to one consumer, at most one pending per request.
+
+    A later event of a request whose previous one is still pending is merged
+    into it (:meth:`TokenEvent.then`), so a consumer that falls behind costs
+    one entry per request, never a queue that grows a step at a time, and
+    the producer (the thread driving the model for everyone) never blocks.
+
+    Example:
+        >>> buffer = EventBuffer()
+        >>> buffer.put(TokenEvent("a", (5,))); buffer.put(TokenEvent("b", (7,))); buffer.put(TokenEvent("a", (6,)))
+        >>> [buffer.get().token_ids, buffer.get().token_ids, buffer.get(timeout=0)]
+        [(5, 6), (7,), None]
+    """
+
+    def __init__(self) -> None:
+        self._pending: "OrderedDict[str, TokenEvent]" = OrderedDict()
+        self._ready = threading.Condition()
+
+    def put(self, event: TokenEvent) -> None:
+        with self._ready:
+            earlier = self._pending.get(event.request_id)
+            self._pending[event.request_id] = earlier.then(event) if earlier is not None else event
+            self._ready.notify()
+
+    def get(self, timeout: Optional[float] = None) -> Optional[TokenEvent]:
+        """The oldest pending event (merged), or None after ``timeout`` seconds without one."""
+        with self._ready:
+            if not self._ready.wait_for(lambda: self._pending, timeout):
+                return None
+            return self._pending.popitem(last=False)[1]
 
 
 class Engine(abc.ABC):

@@ -12,8 +12,8 @@ is prefilled.
   on; the answer part may differ where the re-encoded answer tokenizes
   otherwise than generated) is taken. One that diverges inside its prompt
   (an edited or truncated history, another conversation with the same
-  system prompt) is copied up to the common prefix and stays for its own
-  conversation.
+  system prompt) is copied up to the common prefix (only that prefix is
+  copied, counted against ``max_bytes``) and stays for its own conversation.
 * Entries are evicted least recently used first, beyond ``max_entries`` or
   ``max_bytes`` of KV tensors.
 """
@@ -95,11 +95,12 @@ class PromptCache:
             usable = min(best_len, len(prompt_ids) - 1)
             if best_key is None or usable <= 0:
                 return None
-            ids, cache, _, prompt_len = self._entries[best_key]
-            if usable >= prompt_len:
-                del self._entries[best_key]
+            ids, cache, nbytes, prompt_len = self._entries[best_key]
+            copy_bytes = nbytes * usable // max(len(ids), 1)
+            if usable >= prompt_len or not self._make_room(copy_bytes, keep=best_key):
+                del self._entries[best_key]  # taken whole (and cropped below)
             else:
-                cache = copy.deepcopy(cache)
+                cache = _prefix_copy(cache, usable)
                 self._entries.move_to_end(best_key)
             self.stats.hits += 1
             self.stats.reused_tokens += usable
@@ -118,6 +119,16 @@ class PromptCache:
             while self._entries and (len(self._entries) > self.max_entries or self._over_bytes()):
                 self._entries.popitem(last=False)
 
+    def _make_room(self, extra: int, keep: int) -> bool:
+        """Evict other entries until ``extra`` more bytes fit the cap; False if only evicting ``keep`` would do."""
+        if self.max_bytes is None:
+            return True
+        for key in [k for k in self._entries if k != keep]:  # least recently used first
+            if sum(entry[2] for entry in self._entries.values()) + extra <= self.max_bytes:
+                break
+            del self._entries[key]
+        return sum(entry[2] for entry in self._entries.values()) + extra <= self.max_bytes
+
     def _over_bytes(self) -> bool:
         return self.max_bytes is not None and sum(entry[2] for entry in self._entries.values()) > self.max_bytes
 
@@ -128,6 +139,14 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def _prefix_copy(cache: Any, length: int) -> Any:
+    """A copy of ``cache`` holding its first ``length`` tokens only (the shared prefix, never the whole cache)."""
+    # deepcopy takes each key/value tensor from the memo: a clone of its prefix.
+    memo = {id(t): t[..., :length, :].clone() for layer in cache.layers for t in (layer.keys, layer.values)
+            if t is not None}
+    return copy.deepcopy(cache, memo)
 
 
 def _crop(cache: Any, length: int) -> None:

@@ -39,6 +39,42 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 
 
+def answer_text(generated: str) -> str:
+    """An answer as Meta's format keeps it in later rounds, and as ``chat()`` and the server return it: stripped.
+
+    Example:
+        >>> answer_text(" Hangzhou is a city. ")
+        'Hangzhou is a city.'
+    """
+    return generated.strip()
+
+
+class AnswerStream:
+    """:func:`answer_text` for text that arrives in pieces: what each piece adds to the stripped answer.
+
+    Leading whitespace is dropped; trailing whitespace is held back until
+    more text follows it, and dropped at the end, so the pieces returned
+    join to ``answer_text`` of the whole.
+
+    Example:
+        >>> stream = AnswerStream()
+        >>> [stream.feed(piece) for piece in (" ", " Hi", " there ", "\\n")] + [stream.feed("", final=True)]
+        ['', 'Hi', ' there', '', '']
+    """
+
+    def __init__(self) -> None:
+        self._started, self._held = False, ""
+
+    def feed(self, piece: str, final: bool = False) -> str:
+        text = self._held + piece
+        if not self._started:
+            text = text.lstrip()
+            self._started = bool(text)
+        shown = text.rstrip()
+        self._held = "" if final else text[len(shown):]
+        return shown
+
+
 def dialog_from_history(
     text: str,
     history: Sequence[Tuple[str, str]] = (),
@@ -59,6 +95,24 @@ def dialog_from_history(
     return dialog
 
 
+def check_text(text: str, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` if ``text`` cannot be encoded (a lone UTF-16 surrogate, as JSON's ``"\\ud800"`` gives).
+
+    Example:
+        >>> check_text("x\\ud800y", "messages[0]['content']")
+        Traceback (most recent call last):
+        ...
+        ValueError: messages[0]['content']: contains a lone UTF-16 surrogate (U+D800) at character 1, which is not text
+    """
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{where}: contains a lone UTF-16 surrogate (U+{ord(text[error.start]):04X}) at character "
+                         f"{error.start}, which is not text") from None
+
+
 def check_dialog(dialog: Sequence[Message], allow_special_tags: bool = False) -> None:
     """Raise ``ValueError``/``TypeError`` unless ``dialog`` is one Meta accepts.
 
@@ -74,6 +128,7 @@ def check_dialog(dialog: Sequence[Message], allow_special_tags: bool = False) ->
             raise TypeError(f"messages[{i}]: expected a dict with keys 'role' and 'content', got {message!r}")
         if not isinstance(message.get("content"), str):
             raise TypeError(f"messages[{i}]['content']: expected a string, got {type(message.get('content')).__name__}")
+        check_text(message["content"], f"messages[{i}]['content']")
     turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
     for i, message in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"

@@ -13,7 +13,10 @@ Example:
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Tuple
+
+if TYPE_CHECKING:
+    from .tools import ToolSpec
 
 Kind = Literal["chat", "completion"]
 StructuredKind = Literal["json_object", "json_schema", "grammar"]
@@ -91,3 +94,5 @@ class Prompt:
     dropped_rounds: int = 0
     decode_prefix: Tuple[int, ...] = ()
     echo: bool = False
+    # The request's tools: the answer is in the tool-call format (prompts/tools.py), parsed back into calls.
+    tools: Optional["ToolSpec"] = None

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP app: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
+"""The OpenAI-compatible HTTP app: chat, completions, responses, models, and vLLM's tokenize routes.
 
 :func:`create_app` builds a FastAPI app over a
 :class:`~modelscope_llama2.serving.backend.Backend`. The app turns each
@@ -20,25 +20,50 @@ Example:
     >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
 """
 
+import asyncio
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Dict
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from .admission import Admission
-from .backend import Backend
+from .backend import Backend, BackendUnavailable
 from .config import ServerConfig
 from .errors import install_error_handlers
 from .generation import Generation
 from .handlers.base import RequestBuilder
 from .handlers.chat import ChatHandler
 from .handlers.completion import CompletionHandler
+from .handlers.responses import ResponsesHandler, ResponseStore
+from .handlers.tokenization import TokenizationHandler
 from .metrics import ServerMetrics
 from .middleware import GuardMiddleware
-from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
+                       ModelList, ResponsesRequest, TokenizeRequest, TokenizeResponse, TokenizerInfo)
 
 __all__ = ["ServerConfig", "create_app"]
+
+
+class Drain:
+    """Graceful shutdown: new generations are refused (503) at once; after ``timeout`` seconds the rest are ended.
+
+    A streamed answer then gets an error event and ``[DONE]``, a whole one
+    a 503 body: every client hears how its request ended before the server exits.
+    """
+
+    def __init__(self, generation: Generation):
+        self.generation = generation
+        self.draining = False
+
+    def begin(self, timeout: float) -> None:
+        """Start draining (on the event loop; the server calls it on SIGTERM or Ctrl-C)."""
+        if self.draining:
+            return
+        self.draining = True
+        self.generation.refuse(BackendUnavailable("the server is shutting down"))
+        asyncio.get_running_loop().call_later(timeout, self.generation.fail_all,
+                                              BackendUnavailable("the server is shutting down; send it again"))
 
 
 def create_app(backend: Backend, config: ServerConfig) -> Any:
@@ -50,6 +75,8 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
     builder = RequestBuilder(backend, config)
     chat = ChatHandler(builder, generation, metrics)
     completion = CompletionHandler(builder, generation, metrics)
+    responses = ResponsesHandler(builder, generation, metrics, store=ResponseStore(config.responses_store_size))
+    tokenization = TokenizationHandler(builder)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -57,17 +84,27 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
         await backend.close()
 
     app = FastAPI(title="modelscope_llama2 OpenAI-compatible server", lifespan=lifespan, docs_url=None,
-                  redoc_url=None, openapi_url=None)
+                  redoc_url=None, openapi_url="/openapi.json")
     app.state.metrics, app.state.admission, app.state.backend = metrics, admission, backend
+    app.state.drain = drain = Drain(generation)
     install_error_handlers(app, metrics)
 
     @app.get("/health")
-    async def health() -> Dict[str, str]:
+    async def health() -> Any:
+        if drain.draining:  # load balancers stop sending here
+            return JSONResponse({"status": "draining"}, status_code=503)
         return {"status": "ok"}
+
+    card = ModelCard(id=config.served_model_name, max_model_len=backend.context_length)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=config.served_model_name, max_model_len=backend.context_length)])
+        return ModelList(data=[card])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> ModelCard:
+        builder.check_model(model_id)
+        return card
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -81,4 +118,28 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
     async def completions(body: CompletionRequest, request: Request) -> Any:
         return await completion.create(body, request)
 
-    return GuardMiddleware(app, config.api_key, config.max_body_bytes)
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request) -> Any:
+        return await responses.create(body, request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> Dict[str, Any]:
+        return responses.retrieve(response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> Dict[str, Any]:
+        return responses.delete(response_id)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        return tokenization.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        return tokenization.detokenize(body)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> TokenizerInfo:
+        return tokenization.info()
+
+    return GuardMiddleware(app, config.api_key, config.max_body_bytes, metrics, config.body_timeout)

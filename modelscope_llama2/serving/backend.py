@@ -15,10 +15,11 @@ Example:
 
 import abc
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator, List, Optional
 
-from ..decoding import TextDelta, detokenizer_for, text_delta
+from ..decoding import StreamingDetokenizer, TextDelta, detokenizer_for, text_delta
 from ..engines.base import Engine, TokenEvent
 from ..prompts.prompt import Prompt, SamplingParams
 
@@ -62,14 +63,19 @@ class Backend(abc.ABC):
         """Add the backend's own metrics to the app's Prometheus ``registry`` (served on ``/metrics``); none here."""
 
 
+class EngineFailed(RuntimeError):
+    """The engine failed a request while generating it (the cause is in the server's log): the app answers 500."""
+
+
 class LocalBackend(Backend):
     """An :class:`Engine` in this process.
 
     An engine that pushes its events (a ``submit(prompt, on_event)`` method,
-    as :class:`~modelscope_llama2.engines.continuous_batching.ContinuousBatchingEngine`
-    has) hands them straight to the event loop; any other engine's blocking
-    ``generate()`` runs in a worker thread per request (at most
-    ``max_workers`` at once). Text is decoded on the event loop either way.
+    as :class:`~modelscope_llama2.engines.batching.BatchingEngine`
+    has) is handed a callback; any other engine's blocking ``generate()``
+    runs in a worker thread per request (at most ``max_workers`` at once).
+    Either way the text is decoded and stop strings matched on that thread,
+    never on the event loop, which only wakes once per batch of deltas.
     """
 
     def __init__(self, engine: Engine, tokenizer: Any, max_workers: int = 16):
@@ -84,27 +90,35 @@ class LocalBackend(Backend):
         self.engine.check_sampling(sampling, where)
 
     async def stream(self, prompt: Prompt) -> AsyncIterator[TextDelta]:
-        loop = asyncio.get_running_loop()
-        events: "asyncio.Queue[Any]" = asyncio.Queue()
+        mailbox = _Mailbox(asyncio.get_running_loop())
+        detokenizer: List[StreamingDetokenizer] = []  # built on the engine's thread (long stops take a while)
 
-        def deliver(event: Any) -> None:
+        def deliver(event: Any) -> None:  # on the engine's thread
             try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop is gone (server shutting down)
-                pass
+                if isinstance(event, _Failure):
+                    mailbox.put(event)
+                    return
+                if not detokenizer:
+                    detokenizer.append(detokenizer_for(prompt, self.tokenizer))
+                stopped: List[str] = []
+                delta = text_delta(detokenizer[0], event, stopped.append)
+                if delta is not None:
+                    mailbox.put(delta)
+                for request_id in stopped:  # after the delta: the engine's last event comes from abort()
+                    self.engine.abort(request_id)
+            except Exception as error:  # handed to the consumer, which raises it in the app
+                mailbox.put(_Failure(error))
 
         self._submit(prompt, deliver)
-        detokenizer = detokenizer_for(prompt, self.tokenizer)
         finished = False
         try:
             while not finished:
-                event = await events.get()
-                if isinstance(event, _Failure):
-                    raise event.error
-                finished = event.finished
-                delta = text_delta(detokenizer, event, self.engine.abort)
-                if delta is not None:
-                    yield delta
+                for item in await mailbox.get():
+                    if isinstance(item, _Failure):
+                        raise item.error
+                    finished = item.finish_reason is not None
+                    _check_finish(item)
+                    yield item
         finally:
             if not finished:  # the consumer left early (client gone): free the slot
                 self.engine.abort(prompt.request_id)
@@ -118,19 +132,66 @@ class LocalBackend(Backend):
 
     def _submit_in_thread(self, prompt: Prompt, on_event: Callable[[Any], None]) -> None:
         def run() -> None:
-            events: Iterator[TokenEvent] = self.engine.generate([prompt])
+            events: Optional[Iterator[TokenEvent]] = None
             try:
+                events = self.engine.generate([prompt])
                 for event in events:
                     on_event(event)
             except Exception as error:  # handed to the consumer, which raises it in the app
                 on_event(_Failure(error))
             finally:
-                events.close()  # aborts the request in the engine if it did not finish
+                if events is not None:
+                    events.close()  # aborts the request in the engine if it did not finish
 
         self._executor.submit(run)
+
+
+def _check_finish(delta: TextDelta) -> None:
+    """Raise for a request the engine ended on its own: only OpenAI's finish reasons go further."""
+    if delta.finish_reason == "error":
+        raise EngineFailed(f"the engine failed request {delta.request_id}")
+    if delta.finish_reason == "abort":  # not asked for by this consumer: the engine is shutting down
+        raise BackendUnavailable("the engine stopped while generating this answer")
 
 
 class _Failure:
     def __init__(self, error: Exception):
         self.error = error
 
+
+class _Mailbox:
+    """A request's deltas from the engine's thread to its consumer on the event loop.
+
+    Deltas that arrive while the consumer is busy are merged into one
+    (:meth:`~modelscope_llama2.decoding.TextDelta.then`): memory per request
+    is bounded and the loop is woken once per batch, not once per token.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: List[Any] = []
+        self._woken = asyncio.Event()
+        self._scheduled = False
+
+    def put(self, item: Any) -> None:
+        with self._lock:
+            if self._items and isinstance(item, TextDelta) and isinstance(self._items[-1], TextDelta):
+                self._items[-1] = self._items[-1].then(item)
+            else:
+                self._items.append(item)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._woken.set)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            pass
+
+    async def get(self) -> List[Any]:
+        await self._woken.wait()
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+            self._woken.clear()
+        return items

@@ -17,7 +17,9 @@ class ServerConfig:
     (``do_sample``, ``temperature``, ``top_p``) used when a request leaves
     ``temperature``/``top_p`` out, as vLLM does. ``max_running``: choices
     generating at once; ``max_waiting``: choices queued behind them before
-    new requests get 429.
+    new requests get 429. ``responses_store_size``: responses kept in memory
+    for ``GET /v1/responses/{id}`` and ``previous_response_id`` (least recently
+    used evicted first).
     """
 
     served_model_name: str
@@ -26,3 +28,6 @@ class ServerConfig:
     max_running: int = 8
     max_waiting: int = 64
     max_body_bytes: int = 1 << 20
+    # Seconds a request's body may take to arrive (408 past it).
+    body_timeout: float = 30.0
+    responses_store_size: int = 1000

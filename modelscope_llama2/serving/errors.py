@@ -12,14 +12,14 @@ Example:
 """
 
 import logging
-from typing import Optional
+from typing import Dict, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .backend import BackendUnavailable
+from .backend import BackendUnavailable, EngineFailed
 from .metrics import ServerMetrics
 from .protocol import ErrorResponse
 
@@ -30,12 +30,13 @@ class APIError(Exception):
     """An error answered with OpenAI's error body and ``status``."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[Dict[str, str]] = None):
         super().__init__(message)
         self.status, self.body = status, ErrorResponse.of(message, type, param, code)
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body.model_dump(), status_code=self.status)
+        return JSONResponse(self.body.model_dump(), status_code=self.status, headers=self.headers)
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
@@ -57,6 +58,11 @@ def install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     @app.exception_handler(BackendUnavailable)
     async def unavailable(_: Request, error: BackendUnavailable) -> JSONResponse:
         return counted(error_response(503, f"The model is not available: {error}", "service_unavailable_error"))
+
+    @app.exception_handler(EngineFailed)
+    async def engine_failed(_: Request, error: EngineFailed) -> JSONResponse:
+        logger.error("%s", error)
+        return counted(error_response(500, "The engine failed while generating this answer.", "server_error"))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:

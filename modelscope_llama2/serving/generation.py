@@ -10,9 +10,10 @@ Example:
 
 import asyncio
 import time
-from typing import Any, AsyncIterator, List, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, List, Optional, Sequence, Set, Tuple
 
 from ..decoding import TextDelta
+from ..engines.base import TokenLogprob
 from ..prompts.prompt import Prompt
 from .admission import Admission
 from .backend import Backend
@@ -28,28 +29,48 @@ class Generation:
 
     def __init__(self, backend: Backend, admission: Admission, metrics: ServerMetrics):
         self.backend, self.admission, self.metrics = backend, admission, metrics
+        self._outlets: Set["asyncio.Queue[Tuple[int, Any]]"] = set()  # of the requests generating now
+        self._refusal: Optional[Exception] = None
 
-    def run(self, prompts: List[Prompt]) -> AsyncIterator[Tuple[int, TextDelta]]:
+    def run(self, prompts: List[Prompt], param: str = "n") -> AsyncIterator[Tuple[int, TextDelta]]:
         """``(choice index, delta)`` pairs as they come; closing the iterator aborts every unfinished choice.
 
-        Raises :class:`~modelscope_llama2.serving.errors.APIError` (429) at once when the waiting line is full.
+        The choices take their places in the waiting line now: raises
+        :class:`~modelscope_llama2.serving.errors.APIError` (429, or 400
+        naming ``param`` for more choices than can ever run) at once.
         """
-        self.admission.check(len(prompts))
-        return self._merged(prompts)
-
-    async def _merged(self, prompts: List[Prompt]) -> AsyncIterator[Tuple[int, TextDelta]]:
+        if self._refusal is not None:
+            raise self._refusal
+        self.admission.reserve(len(prompts), param)
         queue: "asyncio.Queue[Tuple[int, Any]]" = asyncio.Queue()
+        started: List[int] = []
+        tasks = [asyncio.create_task(self._pump(i, p, queue, started)) for i, p in enumerate(prompts)]
+        return self._merged(tasks, queue, started)
 
-        async def pump(index: int, prompt: Prompt) -> None:
-            arrived = time.perf_counter()  # TTFT includes the wait for a slot, as clients see it
-            try:
-                async with self.admission.slot():
-                    await self._stream_one(index, prompt, queue, arrived)
-            except Exception as error:  # re-raised in the consumer
-                await queue.put((index, error))
-            await queue.put((index, None))
+    def refuse(self, error: Exception) -> None:
+        """Raise ``error`` for every request from now on (the server is draining)."""
+        self._refusal = error
 
-        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prompts)]
+    def fail_all(self, error: Exception) -> None:
+        """End every request generating now with ``error`` (raised to its consumer): the drain timeout passed."""
+        for queue in self._outlets:
+            queue.put_nowait((0, error))
+
+    async def _pump(self, index: int, prompt: Prompt, queue: "asyncio.Queue", started: List[int]) -> None:
+        started.append(index)  # from here its slot() gives its place in the line back
+        arrived = time.perf_counter()  # TTFT includes the wait for a slot, as clients see it
+        try:
+            async with self.admission.slot():
+                await self._stream_one(index, prompt, queue, arrived)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # re-raised in the consumer
+            await queue.put((index, error))
+        await queue.put((index, None))
+
+    async def _merged(self, tasks: List["asyncio.Task"], queue: "asyncio.Queue",
+                      started: List[int]) -> AsyncIterator[Tuple[int, TextDelta]]:
+        self._outlets.add(queue)
         try:
             running = len(tasks)
             while running:
@@ -61,9 +82,11 @@ class Generation:
                 else:
                     yield index, item
         finally:
+            self._outlets.discard(queue)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.admission.release(len(tasks) - len(started))  # cancelled before they ever ran
 
     async def _stream_one(self, index: int, prompt: Prompt, queue: "asyncio.Queue", arrived: float) -> None:
         started = last = arrived
@@ -87,16 +110,21 @@ class Generation:
 
 
 class Choice:
-    """A choice's text and ids so far, and its final delta."""
+    """A choice's text, ids and logprobs so far, and its final delta."""
 
     def __init__(self) -> None:
         self.text: List[str] = []
         self.token_ids: List[int] = []
+        self.logprobs: List[TokenLogprob] = []
+        self.prompt_logprobs: Optional[Tuple[Optional[TokenLogprob], ...]] = None
         self.final: Optional[TextDelta] = None
 
     def add(self, delta: TextDelta) -> None:
         self.text.append(delta.text)
         self.token_ids.extend(delta.token_ids)
+        self.logprobs.extend(delta.logprobs)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         if delta.finish_reason is not None:
             self.final = delta
 

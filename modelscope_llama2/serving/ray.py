@@ -78,10 +78,12 @@ class EngineSpec:
     """The engine each replica builds: checkpoint (dir or ModelScope id), engine name and its options.
 
     ``engine_options`` go to the engine (vLLM: ``tensor_parallel_size``,
-    ``pipeline_parallel_size``, ``gpu_memory_utilization``, ...);
-    ``prefix_cache_entries`` sizes the transformers engine's KV-cache pool;
-    ``max_concurrent``: requests generating at once in one replica (the
-    rest wait inside it, not yet streaming).
+    ``pipeline_parallel_size``, ``gpu_memory_utilization``, ...; transformers:
+    :class:`~modelscope_llama2.engines.batching.BatchingEngine`'s
+    ``kv_cache_bytes``, ``max_model_len``, ...). ``max_concurrent``: requests
+    one replica batches at once (the rest wait inside it, not yet
+    streaming); ``serve --replicas`` sizes it to the deployment's
+    ``max_ongoing_requests``, so a replica batches all Serve lets it hold.
     """
 
     model: str
@@ -90,8 +92,7 @@ class EngineSpec:
     device: Optional[str] = None
     dtype: str = "auto"
     engine_options: Mapping[str, Any] = field(default_factory=dict)
-    prefix_cache_entries: int = 16
-    max_concurrent: int = 16
+    max_concurrent: int = 8
 
 
 @dataclass(frozen=True)
@@ -189,27 +190,32 @@ class ServedBy:
 
 
 def load_engine(spec: EngineSpec) -> Tuple[Engine, Any]:
-    """``(engine, tokenizer)`` for ``spec``, built through ModelScope's ``Model.from_pretrained``.
+    """``(engine, tokenizer)`` for ``spec``, the weights loaded through ModelScope's ``Model.from_pretrained``.
 
-    The facade picks the engine (``llm_framework``) and imports vLLM only
-    when asked for; the transformers engine gets a prefix cache of
-    ``spec.prefix_cache_entries`` conversations, the cache affinity routing fills.
+    transformers weights get the batching engine of every server
+    (:func:`~modelscope_llama2.engines.factory.serving_engine`), running up to
+    ``spec.max_concurrent`` requests in the same forward passes; its idle KV
+    slots keep the conversations affinity routing sends back. ``vllm``: the
+    facade builds it (imported only then).
     """
     import modelscope_llama2  # noqa: F401  (registers the model with ModelScope)
     from modelscope import Model
 
     from ..constants import LLM_FRAMEWORK_KEY
+    from ..engines.factory import serving_engine
     from ..tokenizer import Llama2Tokenizer
 
-    kwargs: Dict[str, Any] = {LLM_FRAMEWORK_KEY: spec.engine, **spec.engine_options}
+    kwargs: Dict[str, Any] = {LLM_FRAMEWORK_KEY: spec.engine}
     for key, value in (("revision", spec.revision), ("device", spec.device)):
         if value is not None:
             kwargs[key] = value
     if spec.dtype != "auto":
         kwargs["torch_dtype" if spec.engine == "transformers" else "dtype"] = spec.dtype
-    model = Model.from_pretrained(spec.model, **kwargs)
     if spec.engine == "transformers":
-        model.set_prompt_cache(max_entries=spec.prefix_cache_entries)
+        model = Model.from_pretrained(spec.model, **kwargs)
+        engine = serving_engine(model, **{"max_batch_size": spec.max_concurrent, **spec.engine_options})
+        return engine, Llama2Tokenizer.from_pretrained(model.model_dir)
+    model = Model.from_pretrained(spec.model, **kwargs, **spec.engine_options)
     return model.engine, Llama2Tokenizer.from_pretrained(model.model_dir)
 
 

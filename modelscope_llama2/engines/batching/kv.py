@@ -1,0 +1,96 @@
+"""The KV cache of the batching engine: fixed slots, one request per slot, written in place.
+
+Every layer holds keys and values as ``[slots, kv_heads, slot_length, head_dim]``
+tensors allocated once. A running request owns one slot and its token at
+position ``p`` lives at index ``p``, so a decode step writes one column per
+row and reads ``[:kv_len]`` back; nothing is concatenated or copied per
+token. A finished request's slot keeps its KV (and the ids it holds) until
+another request needs the slot: that is the prefix cache, bounded by the
+bytes of the slots and evicted least recently used first
+(:mod:`.scheduler`).
+
+:class:`StepCache` is what one forward pass sees: an object with the
+``update(keys, values, layer_idx, ...)`` method transformers' attention
+layers call on their cache, scattering the new keys into the rows' slots and
+returning the rows' whole keys for attention (masked per row by the engine).
+"""
+
+from typing import Any, List, Sequence
+
+import torch
+
+
+class SlotCache:
+    """Preallocated keys and values for ``slots`` sequences of up to ``slot_length`` tokens each.
+
+    Each layer's tensors sit on the device of that layer's attention (a
+    ``device_map`` may spread layers over devices).
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        ...                      num_hidden_layers=2, intermediate_size=128, vocab_size=100)
+        >>> cache = SlotCache(config, slots=3, slot_length=16, dtype=torch.float32, devices=["cpu", "cpu"])
+        >>> cache.keys[0].shape, cache.bytes_per_slot
+        (torch.Size([3, 2, 16, 16]), 8192)
+    """
+
+    def __init__(self, config: Any, slots: int, slot_length: int, dtype: torch.dtype, devices: Sequence[Any]):
+        self.slots, self.slot_length = slots, slot_length
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        shape = (slots, kv_heads, slot_length, head_dim)
+        # empty, not zeros: pages are touched only where requests write (masking hides the rest).
+        self.keys: List[torch.Tensor] = [torch.empty(shape, dtype=dtype, device=d) for d in devices]
+        self.values: List[torch.Tensor] = [torch.empty(shape, dtype=dtype, device=d) for d in devices]
+        self.bytes_per_slot = bytes_per_token(config, dtype) * slot_length
+
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Copy the first ``length`` positions of slot ``source`` into slot ``target`` (every layer)."""
+        for tensors in (self.keys, self.values):
+            for layer in tensors:
+                layer[target, :, :length].copy_(layer[source, :, :length])
+
+    def step(self, slots: Sequence[int], positions: torch.Tensor, kv_len: int) -> "StepCache":
+        return StepCache(self, list(slots), positions, kv_len)
+
+
+class StepCache:
+    """One forward pass's view of a :class:`SlotCache`: rows ``slots`` writing at ``positions`` ``[rows, q]``."""
+
+    is_compileable = False
+
+    def __init__(self, cache: SlotCache, slots: List[int], positions: torch.Tensor, kv_len: int):
+        self.cache, self.kv_len = cache, kv_len
+        self.positions = positions
+        first = slots[0]
+        # Consecutive slots read as a view; others are gathered (only [:kv_len] is copied).
+        self.span = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
+        self.index = {}  # per device: the slot ids as a tensor
+        self.slots = slots
+
+    def _slot_index(self, device: torch.device) -> torch.Tensor:
+        if device not in self.index:
+            self.index[device] = torch.tensor(self.slots, device=device)
+        return self.index[device]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: Any, **__: Any):
+        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        rows = self._slot_index(keys.device)
+        positions = self.positions.to(keys.device)
+        # Advanced indices around a slice put the broadcast [rows, q] dims first: [rows, q, heads, dim].
+        keys[rows[:, None], :, positions] = key_states.transpose(1, 2).to(keys.dtype)
+        values[rows[:, None], :, positions] = value_states.transpose(1, 2).to(values.dtype)
+        if self.span is not None:
+            return keys[self.span, :, :self.kv_len], values[self.span, :, :self.kv_len]
+        return keys[:, :, :self.kv_len].index_select(0, rows), values[:, :, :self.kv_len].index_select(0, rows)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv_len
+
+
+def bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Bytes of keys and values of one token over every layer."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
