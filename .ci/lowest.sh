@@ -25,4 +25,5 @@ else
   "$VENV/bin/python" -m pip install -q --no-deps -e .
 fi
 "$VENV/bin/python" -m pip freeze | grep -iE "^($(echo "$CONSTRAINTS" | cut -d= -f1 | paste -sd'|'))==" | paste -sd' '
-"$VENV/bin/python" -m pytest -q
+. "$VENV/bin/activate"  # README blocks run `python`: this venv's
+python -m pytest -q

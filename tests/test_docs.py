@@ -44,7 +44,9 @@ def run_block(block, tmp_path, env=None, timeout=300):
     script = tmp_path / ("block.py" if block.language == "python" else "block.sh")
     script.write_text(block.code)
     command = [sys.executable, str(script)] if block.language == "python" else ["bash", "-e", str(script)]
-    env = {**os.environ, "PYTHONPATH": REPO_ROOT, **(env or {})}
+    # `python` in a shell block is this interpreter, as in the reader's activated venv.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "PATH": path, **(env or {})}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{block} failed:\n{done.stderr[-3000:]}"
     return done.stdout
@@ -98,6 +100,7 @@ def test_block_with_serve(block, demo_server_port, tmp_path):
     on_this_port = dataclasses.replace(block, code=block.code.replace("127.0.0.1:8000",
                                                                       f"127.0.0.1:{demo_server_port}"))
     stdout = run_block(on_this_port, tmp_path, env={"MODELSCOPE_LLAMA2_API_KEY": API_KEY})
-    first = stdout.splitlines()[0]
-    answer = json.loads(stdout)["choices"][0]["message"]["content"] if block.language == "bash" else first
-    assert answer == HANGZHOU
+    # The first thing each prints: curl the reply to the first question, the SDK examples an answer.
+    answer = json.loads(stdout)["choices"][0]["message"]["content"] if block.language == "bash" else \
+        stdout.splitlines()[0]
+    assert answer in ((HANGZHOU,) if block.language == "bash" else (HANGZHOU, SIGHTS)), stdout
