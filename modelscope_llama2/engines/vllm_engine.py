@@ -3,9 +3,10 @@
 vLLM does the scheduling (continuous batching), the paged KV cache with
 automatic prefix caching (a conversation's next turn reuses the KV of the
 earlier ones), the sampling and, on a GPU, CUDA graphs. This module hands it
-prompts only as ``TokensPrompt(prompt_token_ids=...)``: vLLM's tokenizer is
-never loaded (``skip_tokenizer_init``) and its chat endpoint never used, so
-what the model sees is exactly what the package's chat format built.
+prompts only as ``TokensPrompt(prompt_token_ids=...)``: vLLM's tokenizer
+never encodes a prompt (it is loaded only for structured outputs' grammar
+backend) and its chat endpoint is never used, so what the model sees is
+exactly what the package's chat format built.
 
 ``AsyncLLM`` runs on an event loop in a background thread; ``generate()``
 may be called from any number of threads at once, and vLLM batches all their
@@ -134,6 +135,14 @@ class VllmEngine(Engine):
         model_config = self.async_llm.model_config
         self.context_length: int = model_config.max_model_len
         self.vocab_size: int = model_config.get_vocab_size()
+
+    def check_sampling(self, sampling: SamplingParams, where: str = "inputs") -> None:
+        """Also turn a structured output into its grammar now, so a bad schema fails before any model work."""
+        super().check_sampling(sampling, where)
+        if sampling.structured is not None:
+            from .structured import ebnf_grammar
+
+            ebnf_grammar(sampling.structured, f"{where}['response_format']")
 
     # -- the Engine interface --------------------------------------------------
 
@@ -411,6 +420,13 @@ def vllm_sampling_params(sampling: SamplingParams, defaults: Mapping[str, Any], 
         )
     else:
         settings.update(temperature=0.0)
+    if sampling.structured is not None:
+        # The very grammar the transformers engines compile (compact JSON, safe strings), as EBNF text.
+        from vllm.sampling_params import StructuredOutputsParams
+
+        from .structured import ebnf_grammar
+
+        settings["structured_outputs"] = StructuredOutputsParams(grammar=ebnf_grammar(sampling.structured))
     try:
         return VllmSamplingParams(**settings)
     except VLLMValidationError as error:  # e.g. vLLM takes temperatures up to 2 only
@@ -431,7 +447,9 @@ def _engine_args(model_dir: str, engine_args_cls: type, *, gpu_memory_utilizatio
     if unknown:
         hint = _PLACEMENT_HINT if unknown[0] in ("device_map", "device") else "see vLLM's AsyncEngineArgs"
         raise TypeError(f"{unknown[0]}: not a setting of the vLLM engine ({hint})")
-    settings = dict(model=model_dir, skip_tokenizer_init=True, logprobs_mode=LOGPROBS_MODE, **args)
+    # vLLM loads the checkpoint's tokenizer only for structured outputs (its grammar backend reads the
+    # vocabulary); prompts still arrive as token ids and ids come back undetokenized.
+    settings = dict(model=model_dir, skip_tokenizer_init=False, logprobs_mode=LOGPROBS_MODE, **args)
     settings.setdefault("disable_log_stats", True)
     if gpu_memory_utilization is not None:
         settings["gpu_memory_utilization"] = gpu_memory_utilization
