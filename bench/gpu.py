@@ -16,7 +16,10 @@ written or downloaded):
   and long runs share one compiled graph.
 
 Decode tokens/s = (long - short) / (t_long - t_short), so prefill cancels.
-The figure printed is each path's fraction of the bandwidth limit.
+The figure printed is each path's fraction of the bandwidth limit. Then the
+engines on the same weights: the batching engine (what every server runs)
+and the eager transformers engine (the Python API's), batch-1 decode and
+32 requests at once (fixed length).
 
 With ``--engines vllm`` (in the default when vLLM is installed) the same
 shape runs on vLLM with random weights (``load_format="dummy"``: only
@@ -48,6 +51,8 @@ from transformers import CompileConfig, LlamaConfig
 import checkpoint  # noqa: F401  (makes this checkout's package importable)
 from timing import machine_line, median, table
 
+# Requests in the engines' batched throughput figure.
+ENGINE_BATCH = 32
 SHAPES = {
     # Llama 2 13B: 40 layers, 40 heads (no GQA), hidden 5120, intermediate 13824.
     "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
@@ -320,9 +325,46 @@ def measure_transformers(args: argparse.Namespace, shape: str, device: torch.dev
     print(table(["path", "compiled", "decode tok/s", "bandwidth limit tok/s", "fraction of limit", "wall s"], rows))
     if len(rows) == 2:
         print(f"{rows[1][0]} / {rows[0][0]}: {rows[1][2] / rows[0][2]:.2f}x")
+    print_engine_rows(measure_engines(args, model, limit))
     del model  # vLLM needs the memory next
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def measure_engines(args: argparse.Namespace, model, limit: float) -> List[list]:
+    """The serving engine vs the eager one on the same weights: batch-1 decode and batched throughput."""
+    from modelscope_llama2.engines.batching import BatchingEngine
+    from modelscope_llama2.engines.batching.kv import bytes_per_token
+    from modelscope_llama2.engines.transformers_engine import TransformersEngine
+
+    length = args.prompt + args.long + 8
+    # Slots for the batch and as many idle ones: the KV of the run, not 90% of the GPU (vLLM comes next).
+    batching = BatchingEngine(model, max_batch_size=ENGINE_BATCH, max_model_len=length,
+                              kv_cache_bytes=2 * ENGINE_BATCH * length * bytes_per_token(model.config, model.dtype))
+    eager = TransformersEngine(model)
+    rng = random.Random(2)
+    vocab = model.config.vocab_size
+    one = [[1] + [rng.randrange(3, vocab) for _ in range(args.prompt - 1)]]
+    many = [[1] + [rng.randrange(3, vocab) for _ in range(args.prompt - 1)] for _ in range(ENGINE_BATCH)]
+    rows = []
+    try:
+        for name, engine in (("batching engine", batching), ("transformers engine (eager)", eager)):
+            start = time.perf_counter()
+            decode = decode_rate(engine_timer(engine, one), args.short, args.long, args.repeats)
+            batch = engine_timer(engine, many)
+            batch(args.short)  # warm-up at this batch size
+            throughput = ENGINE_BATCH * args.long / median([batch(args.long) for _ in range(args.repeats)])
+            rows.append([name, decode, decode / limit, throughput, round(time.perf_counter() - start)])
+    finally:
+        batching.close()
+    return rows
+
+
+def print_engine_rows(rows: List[list]) -> None:
+    print(f"\nengines on the same weights: batch-1 decode and {ENGINE_BATCH}-way throughput (greedy, fixed length)")
+    print(table(["engine", "batch-1 decode tok/s", "fraction of limit", f"{ENGINE_BATCH}-way tok/s", "wall s"], rows))
+    if len(rows) == 2:
+        print(f"{ENGINE_BATCH}-way throughput, batching / eager: {rows[0][3] / rows[1][3]:.2f}x")
 
 
 if __name__ == "__main__":

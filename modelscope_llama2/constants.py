@@ -40,3 +40,8 @@ LOAD_DTYPES = ("auto", *CHECKPOINT_DTYPES)
 
 # The environment variable `serve` reads its API key from (and the web chat's client, too).
 API_KEY_ENV = "MODELSCOPE_LLAMA2_API_KEY"
+
+# OpenAI's frequency/presence penalties: option names every engine implements
+# itself (transformers has neither), and the range OpenAI allows.
+PENALTY_OPTIONS = ("frequency_penalty", "presence_penalty")
+PENALTY_RANGE = (-2.0, 2.0)

@@ -148,3 +148,30 @@ def test_bad_input_is_refused_by_name_before_any_work(engine):
         engine.generate([Prompt((1, 5), SamplingParams(max_new_tokens=1, options={"typical_p": 0.5}))])
     with pytest.raises(ValueError, match="token_ids"):
         engine.generate([Prompt((1, 10 ** 9), SamplingParams(max_new_tokens=1))])
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(0, 0.9, 0.0), (40, 0.95, 0.0), (0, 1.0, 0.05), (10, 0.8, 0.1),
+                                               (300, 0.9, 0.0), (5, 1.0, 0.0)])
+def test_rows_draw_from_the_tokens_transformers_warpers_keep(top_k, top_p, min_p):
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from modelscope_llama2.engines.batching.sampler import RowSampling, sample, seeded_generator
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 2000) * torch.tensor([[2.0], [6.0], [12.0], [20.0]])  # flat to peaked rows
+    expected = logits / 0.7
+    for warper in ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else []) + (
+            [MinPLogitsWarper(min_p)] if min_p else []):
+        expected = warper(None, expected)
+    kept = expected.isfinite()
+    drawn = [set() for _ in range(4)]
+    for seed in range(50):
+        rows = [RowSampling(temperature=0.7, top_k=top_k, top_p=top_p, min_p=min_p,
+                            generator=seeded_generator(seed * 4 + i, "cpu")) for i in range(4)]
+        tokens, _ = sample(logits, rows, [None] * 4, [0] * 4)
+        for row, token in enumerate(tokens):
+            drawn[row].add(token)
+    for row in range(4):
+        assert drawn[row] <= set(kept[row].nonzero().flatten().tolist())
+        if kept[row].sum() == 1:
+            assert len(drawn[row]) == 1

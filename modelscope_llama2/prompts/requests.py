@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from transformers import GenerationConfig
 
-from ..constants import CONTEXT_LENGTH, MAX_SEED, SAMPLING_EPS
+from ..constants import CONTEXT_LENGTH, MAX_SEED, PENALTY_OPTIONS, PENALTY_RANGE, SAMPLING_EPS
 from .chat_format import (Dialog, Message, PromptTooLong, check_dialog, check_text, dialog_from_history,
                           encode_dialog, fit_dialog)
 from .prompt import Prompt, SamplingParams, StructuredOutput
@@ -236,11 +236,12 @@ def _parse_spec(inputs: Mapping[str, Any], own_keys: set, where: str) -> Generat
     for key, value in inputs.items():
         if key in own_keys or key in SPEC_KEYS:
             continue
-        if not isinstance(key, str) or not hasattr(_GENERATION_DEFAULTS, key) or key in RESERVED_GENERATION_KEYS:
+        known = isinstance(key, str) and (hasattr(_GENERATION_DEFAULTS, key) or key in PENALTY_OPTIONS)
+        if not known or key in RESERVED_GENERATION_KEYS:
             raise ValueError(
                 f"{where}[{key!r}]: unknown input; expected one of {sorted(own_keys | SPEC_KEYS)} "
                 "or a transformers generation setting (max_new_tokens, do_sample, temperature, top_p, "
-                "top_k, repetition_penalty, min_new_tokens, ...)"
+                "top_k, repetition_penalty, min_new_tokens, ...) or OpenAI's frequency_penalty/presence_penalty"
             )
         generate_kwargs[key] = value
     for key, minimum in _INT_KEYS.items():
@@ -254,6 +255,12 @@ def _parse_spec(inputs: Mapping[str, Any], own_keys: set, where: str) -> Generat
         value = inputs.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
             raise ValueError(f"{where}[{key!r}]: expected a positive number, got {value!r}")
+    low, high = PENALTY_RANGE
+    for key in PENALTY_OPTIONS:
+        value = inputs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not low <= value <= high):
+            raise ValueError(f"{where}[{key!r}]: expected a number in [{low}, {high}], got {value!r}")
     if "do_sample" in inputs and not isinstance(inputs["do_sample"], bool):
         raise TypeError(f"{where}['do_sample']: expected a bool, got {type(inputs['do_sample']).__name__}")
     if inputs.get("temperature") is not None and inputs["temperature"] < SAMPLING_EPS:

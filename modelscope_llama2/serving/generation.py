@@ -13,6 +13,7 @@ import time
 from typing import Any, AsyncIterator, List, Optional, Sequence, Set, Tuple
 
 from ..decoding import TextDelta
+from ..engines.base import TokenLogprob
 from ..prompts.prompt import Prompt
 from .admission import Admission
 from .backend import Backend
@@ -113,16 +114,21 @@ class Generation:
 
 
 class Choice:
-    """A choice's text and ids so far, and its final delta."""
+    """A choice's text, ids and logprobs so far, and its final delta."""
 
     def __init__(self) -> None:
         self.text: List[str] = []
         self.token_ids: List[int] = []
+        self.logprobs: List[TokenLogprob] = []
+        self.prompt_logprobs: Optional[Tuple[Optional[TokenLogprob], ...]] = None
         self.final: Optional[TextDelta] = None
 
     def add(self, delta: TextDelta) -> None:
         self.text.append(delta.text)
         self.token_ids.extend(delta.token_ids)
+        self.logprobs.extend(delta.logprobs)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         if delta.finish_reason is not None:
             self.final = delta
 

@@ -75,13 +75,43 @@ class _Sampling(_Request):
     seed: Optional[int] = Field(default=None, ge=0, le=MAX_SEED)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    logprobs: Optional[Any] = None
     logit_bias: Optional[Dict[str, float]] = None
     user: Optional[str] = None
     # vLLM's extension: return the prompt's and each choice's token ids.
     return_token_ids: bool = False
     # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}: checked in prompts/structured.py.
     response_format: Optional[Dict[str, Any]] = None
+
+    # vLLM's sampling extensions (benchmark clients send ignore_eos and min_tokens).
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    top_k: Optional[int] = Field(default=None, ge=-1)  # -1 and 0: no top-k
+    repetition_penalty: Optional[float] = Field(default=None, gt=0)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[List[int]] = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: List[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    """Chat's ``logprobs``: one item per generated token."""
+
+    content: Optional[List[ChatTokenLogprob]] = None
+
+
+class CompletionLogprobs(BaseModel):
+    """Completions' legacy ``logprobs``: parallel lists, ``null`` for a token nothing predicts (echo's first)."""
+
+    tokens: List[str]
+    token_logprobs: List[Optional[float]]
+    top_logprobs: List[Optional[Dict[str, float]]]
+    text_offset: List[int]
 
 
 # -- chat -----------------------------------------------------------------
@@ -118,7 +148,8 @@ class ChatMessage(_Request):
 class ChatCompletionRequest(_Sampling):
     messages: List[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    top_logprobs: Optional[int] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     # OpenAI Responses API's option: "auto" drops the oldest rounds to fit.
     truncation: Literal["auto", "disabled"] = "disabled"
     # Function tools (checked in prompts/tools.py); the answer is constrained to a call or, with "auto", text.
@@ -137,7 +168,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Optional[str]
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     token_ids: Optional[List[int]] = None
 
 
@@ -164,7 +195,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: Optional[str] = None
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     token_ids: Optional[List[int]] = None
 
 
@@ -184,7 +215,8 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, List[str], List[int], List[List[int]]]
-    max_tokens: Optional[int] = Field(default=16, ge=1)  # OpenAI's default for completions
+    max_tokens: Optional[int] = Field(default=16, ge=0)  # OpenAI's default; 0 with echo scores the prompt
+    logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: Optional[str] = None
     best_of: Optional[int] = None
@@ -194,7 +226,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Optional[str]
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
     token_ids: Optional[List[int]] = None
     prompt_token_ids: Optional[List[int]] = None
 
@@ -238,7 +270,24 @@ class InputMessage(_Request):
 
 
 class TextFormat(_Request):
-    type: Literal["text"] = "text"
+    """``text.format``: ``text``, ``json_object`` or ``json_schema`` (``name``, ``schema``, ``strict``)."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: Optional[str] = None
+    schema_: Optional[Dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
+    description: Optional[str] = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    def response_format(self) -> Optional[Dict[str, Any]]:
+        """The same format in chat's ``response_format`` shape (``None`` for text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        return {"type": "json_schema", "json_schema": {"name": self.name or "output", "schema": self.schema_ or {},
+                                                       "strict": self.strict}}
 
 
 class TextConfig(_Request):
@@ -247,9 +296,30 @@ class TextConfig(_Request):
     format: TextFormat = Field(default_factory=TextFormat)
 
 
+class FunctionCallItem(_Request):
+    """An earlier function call of the model, sent back in ``input``."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: Optional[str] = None
+    status: Optional[str] = None
+
+
+class FunctionCallOutputItem(_Request):
+    """A function call's result, sent in ``input``."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: Optional[str] = None
+    status: Optional[str] = None
+
+
 class ResponsesRequest(_Request):
     model: str
-    input: Union[str, List[InputMessage]]
+    input: Union[str, List[Union[FunctionCallItem, FunctionCallOutputItem, InputMessage]]]
     instructions: Optional[str] = None
     max_output_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
@@ -261,12 +331,27 @@ class ResponsesRequest(_Request):
     text: Optional[TextConfig] = None
     metadata: Optional[Dict[str, str]] = None
     user: Optional[str] = None
+    # Function tools in the Responses shape ({"type": "function", "name", "description", "parameters"}).
+    tools: Optional[List[Dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, Dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 class OutputText(BaseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: List[Any] = Field(default_factory=list)
+
+
+class FunctionCallOutput(BaseModel):
+    """A ``function_call`` output item: the model calls ``name`` with ``arguments`` (JSON text)."""
+
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["completed"] = "completed"
 
 
 class OutputMessage(BaseModel):
@@ -305,7 +390,7 @@ class ResponseObject(BaseModel):
     store: bool = True
     temperature: Optional[float] = None
     text: TextConfig = Field(default_factory=TextConfig)
-    tool_choice: str = "none"
+    tool_choice: Any = "none"
     tools: List[Any] = Field(default_factory=list)
     top_p: Optional[float] = None
     truncation: str = "disabled"

@@ -40,9 +40,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from ...constants import BOS_ID, CONTEXT_LENGTH, EOS_ID
+from ...constants import BOS_ID, CONTEXT_LENGTH, EOS_ID, PAD_ID
 from ...prompts.prompt import Prompt, SamplingParams
 from ..base import Engine, EventBuffer, TokenEvent, TokenLogprob, Usage
+from ..logits import raw_logprobs, token_logprob
 from ..transformers_engine import check_token_ids
 from .kv import SlotCache, bytes_per_token
 from .sampler import CHECKPOINT_DEFAULTS, ROW_OPTIONS, RowSampling, row_sampling, sample
@@ -110,8 +111,6 @@ class BatchingEngine(Engine):
         super().check_sampling(sampling, where)
         if sampling.structured is not None:  # compiled now (cached), so a bad schema fails before any model work
             self._grammars().compile(sampling.structured, f"{where}['response_format']")
-        if sampling.prompt_logprobs is not None:
-            raise ValueError(f"{where}['prompt_logprobs']: not supported by the {self.name} engine yet")
 
     def _grammars(self) -> Any:
         # Imported here: xgrammar is only needed by requests that ask for structured output.
@@ -232,7 +231,8 @@ class BatchingEngine(Engine):
         while self._waiting and len(self._running) < self.max_batch_size:
             request = self._waiting.pop(0)
             ids = list(request.prompt.token_ids)
-            slot, cached = self._take_slot(ids)
+            # Prompt logprobs need every prompt position's logits: no reused KV for them.
+            slot, cached = self._take_slot(ids, reuse=request.scored is None)
             request.slot, request.length, request.cached = slot, cached, cached
             request.feed = ids[cached:]
             self._owner[slot] = request
@@ -241,10 +241,10 @@ class BatchingEngine(Engine):
             self._history[slot, :len(ids)] = torch.tensor(ids, device=self._history.device)
             self._running.append(request)
 
-    def _take_slot(self, ids: List[int]) -> "tuple[int, int]":
+    def _take_slot(self, ids: List[int], reuse: bool = True) -> "tuple[int, int]":
         """A free slot for a prompt and how many of its ids already have KV there (at least one id is left)."""
         best, shared = -1, 0
-        for slot, held in enumerate(self._slot_ids):
+        for slot, held in enumerate(self._slot_ids if reuse else ()):
             n = _common_prefix(held, ids)
             if n > shared:
                 best, shared = slot, n
@@ -264,17 +264,40 @@ class BatchingEngine(Engine):
     def _step(self) -> None:
         prefilling = [r for r in self._running if len(r.feed) > 1 and not r.done]
         if prefilling:
-            request = prefilling[0]
-            self._forward([request], min(len(request.feed), self.max_batch_tokens))
+            group = self._prefill_group(prefilling)
+            self._forward(group, [min(len(r.feed), self.max_batch_tokens) for r in group])
         decoding = [r for r in self._running if len(r.feed) == 1 and not r.done]
         if decoding:
-            self._forward(decoding, 1)
+            self._forward(decoding, [1] * len(decoding))
 
-    def _forward(self, requests: List["_Request"], q: int) -> None:
-        """Feed ``q`` ids of each request; requests whose feed is then empty get their next token."""
+    def _prefill_group(self, prefilling: List["_Request"]) -> List["_Request"]:
+        """Prompts prefilled in one forward pass: up to ``max_batch_tokens`` padded tokens.
+
+        A row shorter than the longest is padded: its padding writes KV past
+        its own length in its own slot, which its next real ids overwrite
+        before anything reads them (so the padding must fit in the slot). A
+        request scoring its prompt (prompt logprobs) is prefilled alone.
+        """
+        first = prefilling[0]
+        group = [first]
+        width = min(len(first.feed), self.max_batch_tokens)
+        if first.scored is not None:
+            return group
+        for request in prefilling[1:]:
+            wider = max(width, min(len(request.feed), self.max_batch_tokens))
+            fits = all(r.length + wider <= self.context_length for r in (*group, request))
+            if request.scored is None and fits and wider * (len(group) + 1) <= self.max_batch_tokens:
+                group.append(request)
+                width = wider
+        return group
+
+    def _forward(self, requests: List["_Request"], counts: List[int]) -> None:
+        """Feed ``counts[i]`` ids of request ``i`` (rows padded to the longest); requests whose feed is then
+        empty get their next token."""
         device = self._input_device
+        q = max(counts)
         slots = [r.slot for r in requests]
-        input_ids = torch.tensor([r.feed[:q] for r in requests], device=device)
+        input_ids = torch.tensor([r.feed[:n] + [PAD_ID] * (q - n) for r, n in zip(requests, counts)], device=device)
         positions = torch.tensor([r.length for r in requests], device=device)[:, None] + torch.arange(q, device=device)
         kv_len = max(r.length for r in requests) + q
         self._history[torch.tensor(slots, device=device)[:, None], positions] = input_ids
@@ -282,14 +305,24 @@ class BatchingEngine(Engine):
         mask = torch.zeros(visible.shape, dtype=self.model.dtype, device=device)
         mask = mask.masked_fill(~visible, torch.finfo(self.model.dtype).min)[:, None]
         kwargs = {self._cache_key: self.kv.step(slots, positions, kv_len)}
-        if self._keeps_logits:
-            kwargs["logits_to_keep"] = 1
+        # Each row's last real position predicts its next token; a request scoring its prompt keeps them all.
+        last = sorted(set(n - 1 for n in counts))
+        scoring = requests[0] if len(requests) == 1 and requests[0].scored is not None else None
+        if self._keeps_logits and scoring is None:
+            kwargs["logits_to_keep"] = torch.tensor(last, device=device) if len(last) > 1 else q - last[0]
         logits = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                            **kwargs).logits[:, -1, :]
-        for request in requests:
-            self._slot_ids[request.slot].extend(request.feed[:q])
-            request.length += q
-            request.feed = request.feed[q:]
+                            **kwargs).logits
+        if scoring is not None:
+            scoring.score(logits[0], scoring.length)
+        if logits.shape[1] == len(last):  # kept only the last positions (ascending)
+            column = [last.index(n - 1) for n in counts]
+        else:
+            column = [n - 1 for n in counts]
+        logits = logits[torch.arange(len(requests), device=logits.device), torch.tensor(column, device=logits.device)]
+        for request, n in zip(requests, counts):
+            self._slot_ids[request.slot].extend(request.feed[:n])
+            request.length += n
+            request.feed = request.feed[n:]
         ready = [i for i, r in enumerate(requests) if not r.feed]
         if ready:
             self._sample([requests[i] for i in ready], logits[ready] if len(ready) < len(requests) else logits)
@@ -323,10 +356,29 @@ class _Request:
         self.count = self.cached = 0
         self.done = False
         self._lock = threading.RLock()  # abort (any thread) and tokens (the engine thread) race
+        # Prompt logprobs so far (None for the first token), until the first event carries them.
+        self.scored: Optional[List[Optional[TokenLogprob]]] = None if prompt.sampling.prompt_logprobs is None \
+            else [None]
+
+    def score(self, logits: torch.Tensor, start: int) -> None:
+        """Prompt logprobs from a prefill chunk's ``[q, vocab]`` logits; row j (position ``start + j``) predicts
+        the next prompt id."""
+        ids, k = self.prompt.token_ids, self.prompt.sampling.prompt_logprobs
+        rows = raw_logprobs(logits[:max(0, len(ids) - 1 - start)])
+        self.scored += [token_logprob(row, ids[start + j + 1], k) for j, row in enumerate(rows)]
+
+    def _event(self, token_ids: tuple, reason: Optional[str] = None, usage: Optional[Usage] = None,
+               logprobs: tuple = ()) -> TokenEvent:
+        scored, self.scored = self.scored, None
+        return TokenEvent(self.prompt.request_id, token_ids, reason, usage, logprobs=logprobs,
+                          prompt_logprobs=tuple(scored) if scored is not None else None)
 
     def take(self, token: int, logprob: Optional[TokenLogprob], room: bool) -> None:
         with self._lock:
             if self.done:
+                return
+            if self.prompt.sampling.max_new_tokens == 0:  # scoring the prompt only
+                self.finish("length")
                 return
             if token == EOS_ID and not self.params.ignore_eos:
                 self.finish("eos")
@@ -337,7 +389,7 @@ class _Request:
             if self.count >= self.prompt.sampling.max_new_tokens or not room:
                 self.finish("length", (token,), logprobs)
             else:
-                self.on_event(TokenEvent(self.prompt.request_id, (token,), logprobs=logprobs))
+                self.on_event(self._event((token,), logprobs=logprobs))
 
     def finish(self, reason: str, token_ids: tuple = (), logprobs: tuple = ()) -> None:
         with self._lock:
@@ -345,7 +397,7 @@ class _Request:
                 return
             self.done = True
             usage = Usage(len(self.prompt.token_ids), self.count, self.cached)
-            self.on_event(TokenEvent(self.prompt.request_id, token_ids, reason, usage, logprobs=logprobs))
+            self.on_event(self._event(token_ids, reason, usage, logprobs))
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

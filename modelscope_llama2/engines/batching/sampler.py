@@ -27,12 +27,15 @@ import torch
 from ...constants import EOS_ID
 from ...prompts.prompt import SamplingParams
 from ..base import TokenLogprob
+from ..logits import penalize_row
 
 # The transformers-style option names a row honours (SamplingParams.options).
 ROW_OPTIONS = frozenset({
     "do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "min_new_tokens",
     "frequency_penalty", "presence_penalty",
 })
+# Most likely tokens a row is drawn among when its top-k/top-p/min-p cut falls inside them (see _draw).
+NUCLEUS_CANDIDATES = 256
 # Settings a request leaves to the checkpoint's generation config when it does not set them.
 CHECKPOINT_DEFAULTS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -100,10 +103,11 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampling], histories: Sequenc
     tokens = torch.empty(len(rows), dtype=torch.long, device=raw.device)
     greedy = [i for i, row in enumerate(rows) if row.greedy]
     drawn = [i for i, row in enumerate(rows) if not row.greedy]
+    # Whole-batch tensors when every row is of one kind: no copies of [rows, vocab] logits.
     if greedy:
-        tokens[greedy] = scores[greedy].argmax(dim=-1)
+        tokens[greedy] = (scores if len(greedy) == len(rows) else scores[greedy]).argmax(dim=-1)
     if drawn:
-        tokens[drawn] = _draw(scores[drawn], [rows[i] for i in drawn])
+        tokens[drawn] = _draw(scores if len(drawn) == len(rows) else scores[drawn], [rows[i] for i in drawn])
     ids = tokens.tolist()
     for row, token in zip(rows, ids):
         if row.constraint is not None:
@@ -141,23 +145,71 @@ def _penalize(scores: torch.Tensor, ids: torch.Tensor, prompt_len: int, row: Row
         seen = scores.gather(0, ids)
         scores.scatter_(0, ids, torch.where(seen < 0, seen * row.repetition_penalty, seen / row.repetition_penalty))
     if row.frequency_penalty or row.presence_penalty:  # OpenAI's: the answer's tokens only
-        # TODO(logprobs engineer): engines/logits.py owns these shapes; call it here once it lands.
-        counts = torch.bincount(ids[prompt_len:], minlength=scores.shape[0]).to(scores.dtype)
-        scores -= row.frequency_penalty * counts + row.presence_penalty * (counts > 0).to(scores.dtype)
+        scores.copy_(penalize_row(scores, ids[prompt_len:], row.frequency_penalty, row.presence_penalty))
 
 
 def _draw(scores: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
-    device = scores.device
+    """One token per row from its tempered, truncated distribution, with its own generator's noise.
+
+    A row whose kept tokens (top-k, top-p, min-p) lie within its
+    :data:`NUCLEUS_CANDIDATES` most likely ones (a trained model's usual
+    case) is drawn among those; the rest over the whole vocabulary. Which
+    path a row takes depends on that row alone, so a seeded request draws
+    the same way alone and in a batch.
+    """
+    device, vocab = scores.device, scores.shape[1]
     temperature = torch.tensor([row.temperature for row in rows], device=device)
-    scores = _truncate(scores / temperature[:, None], rows)
-    probs = torch.softmax(scores, dim=-1)
-    noise = torch.stack([torch.empty(scores.shape[1], device=device).exponential_(generator=row.generator)
-                         for row in rows])
-    return (probs / noise).argmax(dim=-1)
+    probs = torch.softmax(scores / temperature[:, None], dim=-1)
+    candidates = probs.topk(min(NUCLEUS_CANDIDATES, vocab), dim=-1)
+    keep = _kept_candidates(candidates.values, rows)
+    cut_inside = (~keep[:, -1]).tolist()
+    narrow = [i for i, row in enumerate(rows)
+              if 0 < row.top_k <= keep.shape[1] or (cut_inside[i] and _top_p_over_all(row, vocab))]
+    tokens = torch.empty(len(rows), dtype=torch.long, device=device)
+    if narrow:
+        values = candidates.values[narrow].masked_fill(~keep[narrow], 0.0)
+        noise = _noise([rows[i] for i in narrow], values.shape[1], device)
+        tokens[narrow] = candidates.indices[narrow].gather(1, (values / noise).argmax(dim=-1, keepdim=True))[:, 0]
+    wide = sorted(set(range(len(rows))) - set(narrow))
+    if wide:
+        truncated = _truncate(scores[wide] / temperature[wide, None], [rows[i] for i in wide])
+        noise = _noise([rows[i] for i in wide], vocab, device)
+        tokens[wide] = (torch.softmax(truncated, dim=-1) / noise).argmax(dim=-1)
+    return tokens
+
+
+def _top_p_over_all(row: RowSampling, vocab: int) -> bool:
+    """Whether the row's top-p is taken over the whole distribution (no top-k cut renormalises it first)."""
+    return row.top_p >= 1.0 or not 0 < row.top_k < vocab
+
+
+def _kept_candidates(values: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
+    """Which of each row's most likely tokens (``values``: probabilities, descending) top-k, top-p and min-p keep.
+
+    The same rules as :func:`_truncate`, in the same order: top-p on the
+    distribution renormalised after top-k.
+    """
+    device, width = values.device, values.shape[1]
+    rank = torch.arange(width, device=device)[None, :]
+    top_k = torch.tensor([row.top_k if 0 < row.top_k <= width else width for row in rows], device=device)
+    keep = rank < top_k[:, None]
+    kept = values.masked_fill(~keep, 0.0)
+    # Over the top-k mass when top-k cut inside the candidates; over the whole distribution otherwise.
+    mass = torch.where(top_k < width, kept.sum(dim=-1), torch.ones_like(top_k, dtype=values.dtype))
+    before = (kept.cumsum(dim=-1) - kept) / mass[:, None]
+    top_p = torch.tensor([row.top_p if row.top_p < 1.0 else float("inf") for row in rows], device=device)
+    keep &= before < top_p[:, None]
+    keep &= values >= torch.tensor([row.min_p for row in rows], device=device)[:, None] * values[:, :1]
+    return keep
+
+
+def _noise(rows: Sequence[RowSampling], width: int, device: Any) -> torch.Tensor:
+    """Exponential noise, ``width`` per row, each row from its own generator (Gumbel-max: argmax(p / noise))."""
+    return torch.stack([torch.empty(width, device=device).exponential_(generator=row.generator) for row in rows])
 
 
 def _truncate(scores: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
-    """top-k, top-p then min-p per row, as transformers' warpers do them."""
+    """top-k, top-p then min-p per row over the whole vocabulary, as transformers' warpers do them."""
     device, vocab = scores.device, scores.shape[1]
     if any(0 < row.top_k < vocab for row in rows):
         k = torch.tensor([row.top_k if 0 < row.top_k < vocab else vocab for row in rows], device=device)

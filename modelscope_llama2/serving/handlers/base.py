@@ -69,13 +69,53 @@ def sampling_options(request: Any, defaults: Mapping[str, Any]) -> Dict[str, Any
     for penalty in ("frequency_penalty", "presence_penalty"):
         if getattr(request, penalty, 0):
             options[penalty] = getattr(request, penalty)
+    options.update(vllm_options(request))
     return options
+
+
+# vLLM's request extensions and the transformers-style options they set.
+VLLM_EXTENSIONS = {"min_tokens": "min_new_tokens", "top_k": "top_k", "repetition_penalty": "repetition_penalty"}
+
+
+def vllm_options(request: Any) -> Dict[str, Any]:
+    """vLLM's ``min_tokens``, ``top_k`` and ``repetition_penalty`` as options, when they change anything.
+
+    Example:
+        >>> from types import SimpleNamespace as R
+        >>> vllm_options(R(min_tokens=4, top_k=-1, repetition_penalty=1.2))
+        {'min_new_tokens': 4, 'top_k': 0, 'repetition_penalty': 1.2}
+        >>> vllm_options(R(min_tokens=0, top_k=None, repetition_penalty=None))
+        {}
+    """
+    options: Dict[str, Any] = {}
+    if getattr(request, "min_tokens", 0):
+        options["min_new_tokens"] = request.min_tokens
+    if getattr(request, "top_k", None) is not None:
+        options["top_k"] = max(request.top_k, 0)  # vLLM's -1 is transformers' 0: no top-k
+    if getattr(request, "repetition_penalty", None) is not None:
+        options["repetition_penalty"] = request.repetition_penalty
+    return options
+
+
+def logprobs_settings(request: Any) -> Dict[str, Any]:
+    """``SamplingParams`` fields for a request's ``logprobs``: chat's bool + ``top_logprobs``, or completions' k.
+
+    ``echo`` with logprobs also scores the prompt (``prompt_logprobs``).
+    """
+    logprobs = getattr(request, "logprobs", None)
+    top = getattr(request, "top_logprobs", None)
+    if isinstance(logprobs, bool) or logprobs is None and top is not None:  # chat
+        if top is not None and not logprobs:
+            raise APIError(400, "top_logprobs: needs \"logprobs\": true", param="top_logprobs")
+        k = (top or 0) if logprobs else None
+    else:
+        k = logprobs
+    echo = getattr(request, "echo", False) and k is not None
+    return {"logprobs": k, "prompt_logprobs": k if echo else None}
 
 
 def refuse_unsupported(request: Any) -> None:
     """400 for the request fields this server cannot honour, named."""
-    if getattr(request, "logprobs", None) or getattr(request, "top_logprobs", None):
-        raise APIError(400, "logprobs: not supported by this server", param="logprobs")
     if getattr(request, "logit_bias", None):
         raise APIError(400, "logit_bias: not supported by this server", param="logit_bias")
     if getattr(request, "suffix", None):
@@ -112,7 +152,7 @@ TEXT_PARTS = ("text", "input_text", "output_text")
 ROLE_ALIASES = {"developer": "system"}
 
 
-def dialog_of(messages: Sequence[Any], where: str = "messages") -> List[Dict[str, str]]:
+def dialog_of(messages: Sequence[Any], where: str = "messages", first_index: int = 0) -> List[Dict[str, str]]:
     """Client messages (``role``, ``content``) to a dialog of ``{role, content}`` strings: the one tolerant rule.
 
     ``developer`` is the system role; an assistant's ``content: null`` is an
@@ -122,14 +162,15 @@ def dialog_of(messages: Sequence[Any], where: str = "messages") -> List[Dict[str
 
     Example:
         >>> from types import SimpleNamespace as M
-        >>> dialog_of([M(role="developer", content="Be brief."), M(role="user", content=[{"type": "text", "text": "Hi"}]),
+        >>> dialog_of([M(role="developer", content="Be brief."),
+        ...            M(role="user", content=[{"type": "text", "text": "Hi"}]),
         ...            M(role="assistant", content=None), M(role="user", content="Again")])
         ... # doctest: +NORMALIZE_WHITESPACE
         [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'},
          {'role': 'assistant', 'content': ''}, {'role': 'user', 'content': 'Again'}]
     """
     dialog = []
-    for index, message in enumerate(messages):
+    for index, message in enumerate(messages, start=first_index):  # first_index: where they sit in the request
         role = ROLE_ALIASES.get(message.role, message.role)
         turn = {"role": role, "content": _text(message.content, role, f"{where}.{index}.content")}
         # Tool calls and results stay on the turn: the prompt builder renders them (prompts/tools.py).
@@ -154,7 +195,8 @@ def _text(content: Any, role: str, where: str) -> str:
             raise APIError(400, f"{where}.{index}: this model takes text only, not a part of type {kind!r}",
                            param=f"{where}.{index}")
         if not isinstance(text, str):
-            raise APIError(400, f"{where}.{index}.text: a part of type {kind!r} needs its text", param=f"{where}.{index}.text")
+            raise APIError(400, f"{where}.{index}.text: a part of type {kind!r} needs its text",
+                           param=f"{where}.{index}.text")
         texts.append(text)
     return "".join(texts)
 
@@ -192,14 +234,20 @@ class RequestBuilder:
                                 f"`{self.config.served_model_name}`.", param="model", code="model_not_found")
 
     def chat(self, request: Any, dialog: List[Dict[str, str]], max_tokens: Optional[int], n: int = 1,
-             truncate: bool = False, max_tokens_param: str = "max_tokens") -> List[Prompt]:
-        """``n`` prompts for a dialog of ``{role, content}`` messages, with ``request``'s sampling."""
+             truncate: bool = False, max_tokens_param: str = "max_tokens",
+             structured: Optional[Dict[str, Any]] = None) -> List[Prompt]:
+        """``n`` prompts for a dialog of ``{role, content}`` messages, with ``request``'s sampling.
+
+        ``structured``: the ``response_format``/``tools`` fields in chat's
+        shape (default: the request's own, as chat sends them).
+        """
         refuse_unsupported(request)
         if max_tokens is not None and max_tokens >= self.context:
             raise APIError(400, f"{max_tokens_param}: {max_tokens} leaves no room for a prompt in this model's "
                                 f"context of {self.context} tokens", param=max_tokens_param,
                            code="context_length_exceeded")
-        inputs: Dict[str, Any] = {"messages": dialog, **structured_inputs(request)}
+        inputs: Dict[str, Any] = {"messages": dialog,
+                                  **(structured_inputs(request) if structured is None else structured)}
         if max_tokens is not None:
             inputs["max_new_tokens"] = max_tokens
         try:
@@ -232,13 +280,16 @@ class RequestBuilder:
         """
         sampling = SamplingParams(max_new_tokens=max_new_tokens, stop=stops(getattr(request, "stop", None)),
                                   seed=getattr(request, "seed", None),
-                                  options=sampling_options(request, self.defaults), structured=structured)
+                                  options=sampling_options(request, self.defaults), structured=structured,
+                                  ignore_eos=getattr(request, "ignore_eos", False), **logprobs_settings(request))
+        request_names = {option: name for name, option in VLLM_EXTENSIONS.items()}
         for key, value in sampling.options.items():  # one by one, to name the field refused
             try:
                 self.backend.check_sampling(SamplingParams(max_new_tokens, options={key: value}), "body")
             except ValueError:
-                raise APIError(400, f"{key}: not supported by the {self.backend.engine_name} engine",
-                               param=key) from None
+                name = request_names.get(key, key)
+                raise APIError(400, f"{name}: not supported by the {self.backend.engine_name} engine",
+                               param=name) from None
         if structured is not None:
             try:
                 self.backend.check_sampling(SamplingParams(max_new_tokens, structured=structured), structured_param)

@@ -16,6 +16,7 @@ from ...prompts.chat_format import AnswerStream, answer_text
 from ...prompts.prompt import Prompt
 from ...prompts.tools import ToolOutputStream, parse_tool_output
 from ..generation import FINISH_REASONS, Choice, usage
+from ..logprobs import TokenTexts, chat_logprobs
 from ..protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                         ChatCompletionResponse, Delta)
 from .base import Deltas, Handler, dialog_of, sse
@@ -31,10 +32,13 @@ class ChatHandler(Handler):
             body, dialog_of(body.messages), body.max_completion_tokens or body.max_tokens, body.n,
             truncate=body.truncation == "auto"))
 
+        tokens = TokenTexts(self.builder.tokenizer) if prompts[0].sampling.logprobs is not None else None
+
         def build(response_id: str, choices: List[Choice]) -> ChatCompletionResponse:
             return ChatCompletionResponse(
                 id=response_id, model=body.model,
                 choices=[ChatChoice(index=i, **answer(prompts[0], c),
+                                    logprobs=chat_logprobs(tokens, c.logprobs) if tokens else None,
                                     token_ids=c.token_ids if body.return_token_ids else None)
                          for i, c in enumerate(choices)],
                 usage=usage(len(prompts[0].token_ids), [c.final for c in choices if c.final]),
@@ -43,7 +47,8 @@ class ChatHandler(Handler):
             )
 
         return await self.respond(body, request, prompts, "chatcmpl",
-                                  lambda rid, deltas, with_usage: _chunks(body, prompts, rid, deltas, with_usage),
+                                  lambda rid, deltas, with_usage: _chunks(body, prompts, rid, deltas, with_usage,
+                                                                          tokens),
                                   build)
 
 
@@ -64,7 +69,7 @@ def dropped_rounds(body: ChatCompletionRequest, prompts: List[Prompt]) -> Option
 
 
 async def _chunks(body: ChatCompletionRequest, prompts: List[Prompt], response_id: str, deltas: Deltas,
-                  include_usage: bool) -> AsyncIterator[str]:
+                  include_usage: bool, tokens: Optional[TokenTexts]) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(choices: List[ChatChunkChoice], **extra: Any) -> str:
@@ -76,10 +81,15 @@ async def _chunks(body: ChatCompletionRequest, prompts: List[Prompt], response_i
     finals: List[TextDelta] = []
     # The answer stripped at both ends, as chat() returns it.
     answers = [AnswerStream() for _ in prompts]
+    # Ids and logprobs of tokens whose text is not shown yet go with the next chunk shown.
+    pending_ids: List[List[int]] = [[] for _ in prompts]
+    pending: List[list] = [[] for _ in prompts]
     tools = [ToolOutputStream(p.tools) if p.tools is not None else None for p in prompts]
     async for index, delta in deltas:
         reason = FINISH_REASONS.get(delta.finish_reason, delta.finish_reason)
         shown = answers[index].feed(delta.text, final=reason is not None)
+        pending_ids[index] += delta.token_ids
+        pending[index] += delta.logprobs
         if tools[index] is not None:
             for piece in _tool_chunks(tools[index], shown, reason, index, delta):
                 yield chunk([piece])
@@ -87,9 +97,11 @@ async def _chunks(body: ChatCompletionRequest, prompts: List[Prompt], response_i
                 finals.append(delta)
             continue
         if shown or reason:
-            token_ids = list(delta.token_ids) if body.return_token_ids else None
+            token_ids = pending_ids[index] if body.return_token_ids else None
+            logprobs = chat_logprobs(tokens, pending[index]) if tokens else None
+            pending_ids[index], pending[index] = [], []
             yield chunk([ChatChunkChoice(index=index, delta=Delta(content=shown), finish_reason=reason,
-                                         token_ids=token_ids)])
+                                         logprobs=logprobs, token_ids=token_ids)])
         if delta.finish_reason is not None:
             finals.append(delta)
     if include_usage:

@@ -7,7 +7,7 @@ Example:
 
 import asyncio
 import time
-from typing import Any, AsyncIterator, List, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 from fastapi import Request
 
@@ -16,6 +16,7 @@ from ...prompts.prompt import Prompt
 from ...prompts.structured import parse_response_format
 from ..errors import APIError
 from ..generation import FINISH_REASONS, Choice, usage
+from ..logprobs import LegacyLogprobs, TokenTexts
 from ..protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from .base import Deltas, Handler, refuse_unsupported, sse, too_long, vocabulary_checked
 
@@ -33,7 +34,7 @@ class CompletionHandler(Handler):
         def build(response_id: str, choices: List[Choice]) -> CompletionResponse:
             return CompletionResponse(
                 id=response_id, model=body.model,
-                choices=[self._choice(body, p, i, "".join(c.text), c.finish_reason, c.token_ids)
+                choices=[self._choice(body, p, i, "".join(c.text), c.finish_reason, c.token_ids, self._logprobs(body, p, c))
                          for i, (p, c) in enumerate(zip(prompts, choices))],
                 usage=usage(sum(len(p.token_ids) for p in prompts[::body.n]), [c.final for c in choices if c.final]),
             )
@@ -55,7 +56,8 @@ class CompletionHandler(Handler):
             if len(ids) + (request.max_tokens or 1) > context:
                 raise too_long(len(ids), request.max_tokens, context - (request.max_tokens or 1), context,
                                param="prompt")
-            sampling = builder.sampling(request, request.max_tokens or context - len(ids), structured)
+            sampling = builder.sampling(request, context - len(ids) if request.max_tokens is None else request.max_tokens,
+                                        structured)
             # Decoded before the new ids (specials left out), so the first new word keeps its space.
             prefix = tuple(ids[after_last_special(ids, builder.tokenizer.all_special_ids):])
             prompts += [Prompt(tuple(ids), builder.seeded(sampling, i), kind="completion", decode_prefix=prefix,
@@ -82,11 +84,27 @@ class CompletionHandler(Handler):
             rows.append(("", vocabulary_checked(row, tokenizer.vocab_size, "prompt")))
         return rows
 
+    def _logprobs(self, body: CompletionRequest, prompt: Prompt, choice: Choice) -> Optional[LegacyLogprobs]:
+        """The choice's legacy logprobs (the prompt's first with ``echo``), when asked for."""
+        if body.logprobs is None:
+            return None
+        legacy = self._legacy(body, prompt, choice.prompt_logprobs)
+        legacy.add(choice.logprobs)
+        return legacy
+
+    def _legacy(self, body: CompletionRequest, prompt: Prompt, prompt_logprobs: Any) -> LegacyLogprobs:
+        legacy = LegacyLogprobs(TokenTexts(self.builder.tokenizer))
+        if body.echo and prompt_logprobs is not None:
+            legacy.add(prompt_logprobs, prompt.token_ids)
+        return legacy
+
     def _choice(self, body: CompletionRequest, prompt: Prompt, index: int, text: str,
-                finish_reason: Optional[str], token_ids: List[int]) -> CompletionChoice:
+                finish_reason: Optional[str], token_ids: List[int],
+                legacy: Optional[LegacyLogprobs] = None) -> CompletionChoice:
         if body.echo and text is not None:
             text = self._prompt_text(prompt) + text
         return CompletionChoice(index=index, text=text, finish_reason=finish_reason,
+                                logprobs=legacy.model() if legacy else None,
                                 token_ids=token_ids if body.return_token_ids else None,
                                 prompt_token_ids=list(prompt.token_ids) if body.return_token_ids else None)
 
@@ -99,14 +117,21 @@ class CompletionHandler(Handler):
         created = int(time.time())
         echoed = set()
         finals: List[TextDelta] = []
+        # Per choice, logprobs not sent yet (they go with the next chunk that has text or a finish).
+        legacy: Dict[int, LegacyLogprobs] = {}
         async for index, delta in deltas:
             reason = FINISH_REASONS.get(delta.finish_reason, delta.finish_reason)
             text = delta.text
             if body.echo and index not in echoed:
                 echoed.add(index)
                 text = self._prompt_text(prompts[index]) + text
+            if body.logprobs is not None:
+                if index not in legacy:
+                    legacy[index] = self._legacy(body, prompts[index], delta.prompt_logprobs)
+                legacy[index].add(delta.logprobs)
             if text or reason:
                 choice = CompletionChoice(index=index, text=text, finish_reason=reason,
+                                          logprobs=legacy[index].take() if index in legacy else None,
                                           token_ids=list(delta.token_ids) if body.return_token_ids else None)
                 yield sse(CompletionResponse(id=response_id, created=created, model=body.model, choices=[choice]))
             if delta.finish_reason is not None:
