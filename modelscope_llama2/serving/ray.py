@@ -23,7 +23,8 @@ raises :class:`~modelscope_llama2.serving.backend.BackendUnavailable`, which
 the app turns into an OpenAI error event. Serve restarts the replica; it
 takes the dead one's rank, and with it the same conversations.
 
-Example:
+Example (the ``+SKIP`` lines deploy onto a Ray cluster; ``tests/ray`` does so on
+a simulated two-node one):
     >>> spec = EngineSpec(model="path/to/Llama-2-7b-chat-ms")
     >>> app = build_application(spec, ServerConfig("llama-2-7b-chat"), ScaleSpec(replicas=2))  # doctest: +SKIP
     >>> serve.run(app, name="modelscope-llama2", route_prefix="/")  # doctest: +SKIP

@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from ...constants import BOS_ID, CONTEXT_LENGTH, EOS_ID
+from ...constants import BOS_ID, CONTEXT_LENGTH, EOS_ID, PAD_ID
 from ...prompts.prompt import Prompt, SamplingParams
 from ..base import Engine, EventBuffer, TokenEvent, TokenLogprob, Usage
 from ..logits import raw_logprobs, token_logprob
@@ -264,17 +264,40 @@ class BatchingEngine(Engine):
     def _step(self) -> None:
         prefilling = [r for r in self._running if len(r.feed) > 1 and not r.done]
         if prefilling:
-            request = prefilling[0]
-            self._forward([request], min(len(request.feed), self.max_batch_tokens))
+            group = self._prefill_group(prefilling)
+            self._forward(group, [min(len(r.feed), self.max_batch_tokens) for r in group])
         decoding = [r for r in self._running if len(r.feed) == 1 and not r.done]
         if decoding:
-            self._forward(decoding, 1)
+            self._forward(decoding, [1] * len(decoding))
 
-    def _forward(self, requests: List["_Request"], q: int) -> None:
-        """Feed ``q`` ids of each request; requests whose feed is then empty get their next token."""
+    def _prefill_group(self, prefilling: List["_Request"]) -> List["_Request"]:
+        """Prompts prefilled in one forward pass: up to ``max_batch_tokens`` padded tokens.
+
+        A row shorter than the longest is padded: its padding writes KV past
+        its own length in its own slot, which its next real ids overwrite
+        before anything reads them (so the padding must fit in the slot). A
+        request scoring its prompt (prompt logprobs) is prefilled alone.
+        """
+        first = prefilling[0]
+        group = [first]
+        width = min(len(first.feed), self.max_batch_tokens)
+        if first.scored is not None:
+            return group
+        for request in prefilling[1:]:
+            wider = max(width, min(len(request.feed), self.max_batch_tokens))
+            fits = all(r.length + wider <= self.context_length for r in (*group, request))
+            if request.scored is None and fits and wider * (len(group) + 1) <= self.max_batch_tokens:
+                group.append(request)
+                width = wider
+        return group
+
+    def _forward(self, requests: List["_Request"], counts: List[int]) -> None:
+        """Feed ``counts[i]`` ids of request ``i`` (rows padded to the longest); requests whose feed is then
+        empty get their next token."""
         device = self._input_device
+        q = max(counts)
         slots = [r.slot for r in requests]
-        input_ids = torch.tensor([r.feed[:q] for r in requests], device=device)
+        input_ids = torch.tensor([r.feed[:n] + [PAD_ID] * (q - n) for r, n in zip(requests, counts)], device=device)
         positions = torch.tensor([r.length for r in requests], device=device)[:, None] + torch.arange(q, device=device)
         kv_len = max(r.length for r in requests) + q
         self._history[torch.tensor(slots, device=device)[:, None], positions] = input_ids
@@ -282,19 +305,24 @@ class BatchingEngine(Engine):
         mask = torch.zeros(visible.shape, dtype=self.model.dtype, device=device)
         mask = mask.masked_fill(~visible, torch.finfo(self.model.dtype).min)[:, None]
         kwargs = {self._cache_key: self.kv.step(slots, positions, kv_len)}
-        # A prefill chunk of a request that scores its prompt keeps every position's logits.
+        # Each row's last real position predicts its next token; a request scoring its prompt keeps them all.
+        last = sorted(set(n - 1 for n in counts))
         scoring = requests[0] if len(requests) == 1 and requests[0].scored is not None else None
         if self._keeps_logits and scoring is None:
-            kwargs["logits_to_keep"] = 1
+            kwargs["logits_to_keep"] = torch.tensor(last, device=device) if len(last) > 1 else q - last[0]
         logits = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
                             **kwargs).logits
         if scoring is not None:
             scoring.score(logits[0], scoring.length)
-        logits = logits[:, -1, :]
-        for request in requests:
-            self._slot_ids[request.slot].extend(request.feed[:q])
-            request.length += q
-            request.feed = request.feed[q:]
+        if logits.shape[1] == len(last):  # kept only the last positions (ascending)
+            column = [last.index(n - 1) for n in counts]
+        else:
+            column = [n - 1 for n in counts]
+        logits = logits[torch.arange(len(requests), device=logits.device), torch.tensor(column, device=logits.device)]
+        for request, n in zip(requests, counts):
+            self._slot_ids[request.slot].extend(request.feed[:n])
+            request.length += n
+            request.feed = request.feed[n:]
         ready = [i for i, r in enumerate(requests) if not r.feed]
         if ready:
             self._sample([requests[i] for i in ready], logits[ready] if len(ready) < len(requests) else logits)
