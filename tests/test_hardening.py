@@ -5,6 +5,7 @@ every test is bounded in requests and time.
 """
 
 import asyncio
+import threading
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -27,6 +28,32 @@ def test_an_engine_that_fails_on_the_call_fails_the_stream(tiny_dir, tokenizer):
         asyncio.run(asyncio.wait_for(consume(), 30))
 
 
+
+def test_a_queued_sampled_request_can_be_aborted_and_close_ends_every_consumer(tiny_dir, tokenizer):
+    # Findings 11 and 14: a sampled request waiting for the engine could not be aborted (it then ran in
+    # full for nobody); close() left generate() consumers waiting for ever.
+    from modelscope_llama2.engines.batching import BatchingEngine
+
+    engine = BatchingEngine(AutoModelForCausalLM.from_pretrained(tiny_dir), max_batch_size=1, max_model_len=1024)
+    try:
+        running = Prompt(tuple(tokenizer.encode("Tabs and spaces", bos=True)),
+                         SamplingParams(max_new_tokens=900, options={"do_sample": False}, ignore_eos=True))
+        queued = Prompt(tuple(tokenizer.encode("Hello", bos=True)),
+                        SamplingParams(max_new_tokens=50, seed=3, options={"do_sample": True}))
+        events = engine.generate([running, queued])
+        next(events)  # the first holds the only slot; the sampled one waits
+        engine.abort(queued.request_id)
+        first_final = next(e for e in events if e.finished)
+        assert (first_final.request_id, first_final.finish_reason, first_final.usage.completion_tokens) == (
+            queued.request_id, "abort", 0)
+        threading.Timer(0.2, engine.close).start()
+        rest = list(events)  # ends: close() finishes what still runs
+        assert rest[-1].request_id == running.request_id and rest[-1].finish_reason == "abort"
+        with pytest.raises(RuntimeError, match="closed"):
+            engine.submit(queued, lambda event: None)
+    finally:
+        engine.close()
+
 # -- against a real server on 127.0.0.1 ------------------------------------------------
 
 import json
@@ -36,7 +63,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
