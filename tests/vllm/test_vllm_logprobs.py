@@ -97,7 +97,11 @@ def test_echo_scoring_and_chat_logprobs_over_http(vllm_engine, demo_tokenizer, v
     from modelscope_llama2.serving.server import default_sampling
     from tests.helpers import running_server
 
-    backend = LocalBackend(vllm_engine, demo_tokenizer)
+    class SessionBackend(LocalBackend):
+        async def close(self) -> None:  # the session's engine outlives this app (conftest closes it)
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    backend = SessionBackend(vllm_engine, demo_tokenizer)
     app = create_app(backend, ServerConfig("demo", default_sampling=default_sampling(vllm_model_dir)))
     with running_server(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
