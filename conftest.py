@@ -32,11 +32,60 @@ def _isolated_modelscope_home(tmp_path_factory):
     yield
 
 
+# Doctests whose examples work on files or a hub, as written: the fixture that lays them out in a fresh
+# working directory (stand-ins, small, under the names the examples use).
+DOCTEST_WORKSPACES = {
+    "modelscope_llama2.checkpoints.convert_meta": "_meta_releases",
+    "modelscope_llama2.checkpoints.hub": "_test_hub",
+}
+
+
 @pytest.fixture(autouse=True)
 def _doctest_demo(request, doctest_namespace):
-    """For doctests only: the demo checkpoint's model and tokenizer, loaded once."""
+    """For doctests only: the demo checkpoint's model and tokenizer, loaded once; the module's workspace."""
     if isinstance(request.node, pytest.DoctestItem):
         doctest_namespace.update(request.getfixturevalue("_demo_namespace"))
+        workspace = DOCTEST_WORKSPACES.get(request.node.dtest.globs["__name__"])
+        if workspace:
+            request.getfixturevalue(workspace)
+
+
+@pytest.fixture
+def _meta_releases(tmp_path, monkeypatch):
+    """Tiny releases in Meta's layout as llama-2-13b-chat/ and llama-2-70b-chat/ (GQA), tokenizer.model beside."""
+    import shutil
+
+    from modelscope_llama2.constants import DEMO_DIR
+    from tests.helpers import GQA, MHA, meta_weights, write_meta_release
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(os.path.join(DEMO_DIR, "tokenizer.model"), "tokenizer.model")
+    for name, params in (("llama-2-13b-chat", MHA), ("llama-2-70b-chat", GQA)):
+        write_meta_release(name, params, meta_weights(params, vocab_size=512), n_shards=2)
+
+
+@pytest.fixture
+def _test_hub(tmp_path, monkeypatch):
+    """The test suite's hub emulator as MODELSCOPE_ENDPOINT, with a token; the demo checkpoint as
+    out/Llama-2-7b-chat-ms/ and ckpt/ in the working directory."""
+    import shutil
+
+    from modelscope_hub.config import set_default_config
+
+    from modelscope_llama2.constants import DEMO_DIR
+    from tests.hub_server import HubServer, HubState
+
+    server = HubServer(HubState(str(tmp_path / "hub")), tokens={"ms-doctest-token"}).start()
+    for name, value in {"MODELSCOPE_ENDPOINT": server.endpoint, "MODELSCOPE_API_TOKEN": "ms-doctest-token",
+                        "MODELSCOPE_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(name, value)
+    set_default_config(None)  # the client reads its configuration once: read it again
+    monkeypatch.chdir(tmp_path)
+    for copy in ("out/Llama-2-7b-chat-ms", "ckpt"):
+        shutil.copytree(DEMO_DIR, copy)
+    yield server
+    server.stop()
+    set_default_config(None)
 
 
 @pytest.fixture(scope="session")

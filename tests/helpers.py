@@ -10,15 +10,21 @@ Test modules import from here, never from each other or from conftest.
 * :func:`meta_chat_tokens`: Meta's ``chat_completion`` prompt, written
   independently of the package.
 * :class:`ForwardLog`: the input ids of every forward pass of a model.
+* :func:`write_meta_release`: a checkpoint in Meta's release layout.
+* :func:`doc_blocks`: the code blocks of README.md and docs/, each with the
+  marker comment that says how it is run or why it is not.
 """
 
+import glob
 import json
 import os
+import re
 import shutil
 import socket
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -26,6 +32,7 @@ import sentencepiece as spm
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from modelscope_llama2.checkpoints.convert_meta import intermediate_size
 from modelscope_llama2.checkpoints.train_tokenizer import train_sentencepiece
 from modelscope_llama2.constants import BOS_ID, CONTEXT_LENGTH, EOS_ID
 from modelscope_llama2.prompts.chat_format import dialog_from_history, fit_dialog
@@ -324,3 +331,84 @@ def running_server(app):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+# -- code blocks of the documentation ------------------------------------------
+
+DOCS = ["README.md", *sorted(os.path.relpath(path, REPO_ROOT) for path in glob.glob(f"{REPO_ROOT}/docs/*.md"))]
+
+
+@dataclass(frozen=True)
+class DocBlock:
+    """A fenced code block; ``marker`` is the ``<!-- ... -->`` comment on the line above it ("" if none)."""
+
+    path: str
+    line: int
+    language: str
+    code: str
+    marker: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+def doc_blocks(paths: Sequence[str] = DOCS) -> List[DocBlock]:
+    blocks = []
+    for path in paths:
+        with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
+            text = f.read()
+        for match in re.finditer(r"^(?:<!-- (.*?) -->\n)?```(\w*)\n(.*?)^```$", text, re.M | re.S):
+            line = text.count("\n", 0, match.start(2)) + 1
+            blocks.append(DocBlock(path, line, match.group(2), match.group(3), match.group(1) or ""))
+    return blocks
+
+
+def doc_block(marker: str) -> List[DocBlock]:
+    """The blocks whose marker is ``marker``."""
+    return [block for block in doc_blocks() if block.marker == marker]
+
+
+# -- Meta's release layout -------------------------------------------------------
+
+MHA = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5, "vocab_size": -1}
+# 70B-style: grouped-query attention and a widened MLP.
+GQA = dict(MHA, n_kv_heads=2, ffn_dim_multiplier=1.3)
+
+# Meta's model-parallel split: dim 0 for ColumnParallelLinear, dim 1 for
+# RowParallelLinear and ParallelEmbedding, None for replicated norms.
+SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1,
+             "tok_embeddings": 1, "output": 0, "attention_norm": None, "ffn_norm": None, "norm": None}
+
+
+def meta_weights(params, vocab_size, seed=0):
+    """Random full (unsplit) weights under Meta's names, with non-trivial norms."""
+    generator = torch.Generator().manual_seed(seed)
+    dim, head_dim = params["dim"], params["dim"] // params["n_heads"]
+    kv_dim = params.get("n_kv_heads", params["n_heads"]) * head_dim
+    hidden = intermediate_size(params)
+
+    def rand(*shape, scale=0.08):
+        return torch.randn(*shape, generator=generator) * scale
+
+    weights = {"tok_embeddings.weight": rand(vocab_size, dim, scale=1.0), "norm.weight": 1 + rand(dim),
+               "output.weight": rand(vocab_size, dim), "rope.freqs": torch.ones(head_dim // 2)}
+    for i in range(params["n_layers"]):
+        layer = {"attention.wq": rand(dim, dim), "attention.wk": rand(kv_dim, dim), "attention.wv": rand(kv_dim, dim),
+                 "attention.wo": rand(dim, dim), "feed_forward.w1": rand(hidden, dim),
+                 "feed_forward.w2": rand(dim, hidden), "feed_forward.w3": rand(hidden, dim),
+                 "attention_norm": 1 + rand(dim), "ffn_norm": 1 + rand(dim)}
+        weights.update({f"layers.{i}.{name}.weight": w for name, w in layer.items()})
+    return weights
+
+
+def write_meta_release(directory, params, weights, n_shards):
+    """Meta's layout: params.json and consolidated.NN.pth, each rank holding its slice."""
+    os.makedirs(directory)
+    with open(os.path.join(directory, "params.json"), "w") as f:
+        json.dump(params, f)
+    for rank in range(n_shards):
+        shard = {}
+        for name, weight in weights.items():
+            dim = SPLIT_DIM.get(name.split(".")[-2], None)
+            shard[name] = weight.chunk(n_shards, dim)[rank].clone() if dim is not None else weight.clone()
+        torch.save(shard, os.path.join(directory, f"consolidated.{rank:02d}.pth"))

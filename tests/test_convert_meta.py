@@ -14,52 +14,9 @@ from transformers import AutoModelForCausalLM
 from modelscope_llama2.cli import main
 from modelscope_llama2.checkpoints.convert_meta import convert_meta_checkpoint, intermediate_size
 from modelscope_llama2.tokenizer import Llama2Tokenizer
+from tests.helpers import GQA, MHA, meta_weights, write_meta_release
 
 TOKENS = torch.tensor([[1, 15, 200, 3, 77, 310, 42, 9, 128, 64, 2, 5]])
-MHA = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5, "vocab_size": -1}
-# 70B-style: grouped-query attention and a widened MLP.
-GQA = dict(MHA, n_kv_heads=2, ffn_dim_multiplier=1.3)
-
-# Meta's model-parallel split: dim 0 for ColumnParallelLinear, dim 1 for
-# RowParallelLinear and ParallelEmbedding, None for replicated norms.
-SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1,
-             "tok_embeddings": 1, "output": 0, "attention_norm": None, "ffn_norm": None, "norm": None}
-
-
-def meta_weights(params, vocab_size, seed=0):
-    """Random full (unsplit) weights under Meta's names, with non-trivial norms."""
-    generator = torch.Generator().manual_seed(seed)
-    dim, head_dim = params["dim"], params["dim"] // params["n_heads"]
-    kv_dim = params.get("n_kv_heads", params["n_heads"]) * head_dim
-    hidden = intermediate_size(params)
-
-    def rand(*shape, scale=0.08):
-        return torch.randn(*shape, generator=generator) * scale
-
-    weights = {"tok_embeddings.weight": rand(vocab_size, dim, scale=1.0), "norm.weight": 1 + rand(dim),
-               "output.weight": rand(vocab_size, dim), "rope.freqs": torch.ones(head_dim // 2)}
-    for i in range(params["n_layers"]):
-        layer = {"attention.wq": rand(dim, dim), "attention.wk": rand(kv_dim, dim), "attention.wv": rand(kv_dim, dim),
-                 "attention.wo": rand(dim, dim), "feed_forward.w1": rand(hidden, dim),
-                 "feed_forward.w2": rand(dim, hidden), "feed_forward.w3": rand(hidden, dim),
-                 "attention_norm": 1 + rand(dim), "ffn_norm": 1 + rand(dim)}
-        weights.update({f"layers.{i}.{name}.weight": w for name, w in layer.items()})
-    return weights
-
-
-def write_meta_release(directory, params, weights, n_shards):
-    """Meta's layout: params.json and consolidated.NN.pth, each rank holding its slice."""
-    os.makedirs(directory)
-    with open(os.path.join(directory, "params.json"), "w") as f:
-        json.dump(params, f)
-    for rank in range(n_shards):
-        shard = {}
-        for name, weight in weights.items():
-            dim = SPLIT_DIM.get(name.split(".")[-2], None)
-            shard[name] = weight.chunk(n_shards, dim)[rank].clone() if dim is not None else weight.clone()
-        torch.save(shard, os.path.join(directory, f"consolidated.{rank:02d}.pth"))
-
-
 def meta_forward(weights, params, tokens):
     """Llama 2 as Meta's model.py computes it: complex rotary on adjacent pairs, GQA by repeating kv heads."""
     n_heads = params["n_heads"]

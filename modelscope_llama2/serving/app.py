@@ -13,11 +13,19 @@ Safe by default: with an API key every route but ``/health`` needs
 ``Authorization: Bearer KEY`` (compared in constant time), bodies are capped
 (413), and errors are OpenAI's error body, never a stack trace.
 
-Example:
-    >>> from modelscope_llama2.serving.backend import LocalBackend  # doctest: +SKIP
-    >>> backend = LocalBackend(engine, tokenizer)  # doctest: +SKIP
-    >>> app = create_app(backend, ServerConfig("llama-2-7b-chat", api_key="sk-1"))  # doctest: +SKIP
-    >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
+Example (the demo checkpoint's engine; ``uvicorn.run(app, host="127.0.0.1", port=8000)``
+serves the app, FastAPI's ``TestClient`` calls it in this process):
+
+    >>> from fastapi.testclient import TestClient
+    >>> from modelscope_llama2.serving.backend import LocalBackend
+    >>> backend = LocalBackend(model.engine, tokenizer)
+    >>> app = create_app(backend, ServerConfig("llama-2-7b-chat", api_key="sk-1"))
+    >>> with TestClient(app) as client:
+    ...     reply = client.post("/v1/chat/completions", headers={"Authorization": "Bearer sk-1"}, json={
+    ...         "model": "llama-2-7b-chat", "temperature": 0,
+    ...         "messages": [{"role": "user", "content": "Where is the capital of Zhejiang?"}]})
+    >>> reply.json()["choices"][0]["message"]["content"]
+    'The capital of Zhejiang Province is Hangzhou.'
 """
 
 import asyncio
@@ -106,7 +114,8 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
         builder.check_model(model_id)
         return card
 
-    @app.get("/metrics")
+    # Prometheus' text format, documented as such in /openapi.json.
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 

@@ -270,7 +270,24 @@ class InputMessage(_Request):
 
 
 class TextFormat(_Request):
-    type: Literal["text"] = "text"
+    """``text.format``: ``text``, ``json_object`` or ``json_schema`` (``name``, ``schema``, ``strict``)."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: Optional[str] = None
+    schema_: Optional[Dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
+    description: Optional[str] = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    def response_format(self) -> Optional[Dict[str, Any]]:
+        """The same format in chat's ``response_format`` shape (``None`` for text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        return {"type": "json_schema", "json_schema": {"name": self.name or "output", "schema": self.schema_ or {},
+                                                       "strict": self.strict}}
 
 
 class TextConfig(_Request):
@@ -279,9 +296,30 @@ class TextConfig(_Request):
     format: TextFormat = Field(default_factory=TextFormat)
 
 
+class FunctionCallItem(_Request):
+    """An earlier function call of the model, sent back in ``input``."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: Optional[str] = None
+    status: Optional[str] = None
+
+
+class FunctionCallOutputItem(_Request):
+    """A function call's result, sent in ``input``."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: Optional[str] = None
+    status: Optional[str] = None
+
+
 class ResponsesRequest(_Request):
     model: str
-    input: Union[str, List[InputMessage]]
+    input: Union[str, List[Union[FunctionCallItem, FunctionCallOutputItem, InputMessage]]]
     instructions: Optional[str] = None
     max_output_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
@@ -293,12 +331,27 @@ class ResponsesRequest(_Request):
     text: Optional[TextConfig] = None
     metadata: Optional[Dict[str, str]] = None
     user: Optional[str] = None
+    # Function tools in the Responses shape ({"type": "function", "name", "description", "parameters"}).
+    tools: Optional[List[Dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, Dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 class OutputText(BaseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: List[Any] = Field(default_factory=list)
+
+
+class FunctionCallOutput(BaseModel):
+    """A ``function_call`` output item: the model calls ``name`` with ``arguments`` (JSON text)."""
+
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["completed"] = "completed"
 
 
 class OutputMessage(BaseModel):
@@ -337,7 +390,7 @@ class ResponseObject(BaseModel):
     store: bool = True
     temperature: Optional[float] = None
     text: TextConfig = Field(default_factory=TextConfig)
-    tool_choice: str = "none"
+    tool_choice: Any = "none"
     tools: List[Any] = Field(default_factory=list)
     top_p: Optional[float] = None
     truncation: str = "disabled"

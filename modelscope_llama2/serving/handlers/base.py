@@ -152,7 +152,7 @@ TEXT_PARTS = ("text", "input_text", "output_text")
 ROLE_ALIASES = {"developer": "system"}
 
 
-def dialog_of(messages: Sequence[Any], where: str = "messages") -> List[Dict[str, str]]:
+def dialog_of(messages: Sequence[Any], where: str = "messages", first_index: int = 0) -> List[Dict[str, str]]:
     """Client messages (``role``, ``content``) to a dialog of ``{role, content}`` strings: the one tolerant rule.
 
     ``developer`` is the system role; an assistant's ``content: null`` is an
@@ -170,7 +170,7 @@ def dialog_of(messages: Sequence[Any], where: str = "messages") -> List[Dict[str
          {'role': 'assistant', 'content': ''}, {'role': 'user', 'content': 'Again'}]
     """
     dialog = []
-    for index, message in enumerate(messages):
+    for index, message in enumerate(messages, start=first_index):  # first_index: where they sit in the request
         role = ROLE_ALIASES.get(message.role, message.role)
         turn = {"role": role, "content": _text(message.content, role, f"{where}.{index}.content")}
         # Tool calls and results stay on the turn: the prompt builder renders them (prompts/tools.py).
@@ -234,14 +234,20 @@ class RequestBuilder:
                                 f"`{self.config.served_model_name}`.", param="model", code="model_not_found")
 
     def chat(self, request: Any, dialog: List[Dict[str, str]], max_tokens: Optional[int], n: int = 1,
-             truncate: bool = False, max_tokens_param: str = "max_tokens") -> List[Prompt]:
-        """``n`` prompts for a dialog of ``{role, content}`` messages, with ``request``'s sampling."""
+             truncate: bool = False, max_tokens_param: str = "max_tokens",
+             structured: Optional[Dict[str, Any]] = None) -> List[Prompt]:
+        """``n`` prompts for a dialog of ``{role, content}`` messages, with ``request``'s sampling.
+
+        ``structured``: the ``response_format``/``tools`` fields in chat's
+        shape (default: the request's own, as chat sends them).
+        """
         refuse_unsupported(request)
         if max_tokens is not None and max_tokens >= self.context:
             raise APIError(400, f"{max_tokens_param}: {max_tokens} leaves no room for a prompt in this model's "
                                 f"context of {self.context} tokens", param=max_tokens_param,
                            code="context_length_exceeded")
-        inputs: Dict[str, Any] = {"messages": dialog, **structured_inputs(request)}
+        inputs: Dict[str, Any] = {"messages": dialog,
+                                  **(structured_inputs(request) if structured is None else structured)}
         if max_tokens is not None:
             inputs["max_new_tokens"] = max_tokens
         try:
@@ -346,7 +352,8 @@ class Handler:
         """Generate ``prompts``; SSE chunks from ``stream_chunks`` or one response from ``build``."""
         response_id = f"{kind}-{uuid.uuid4().hex}"
         # Past the choice limit, name what made the request big: its n, or (completions) its list of prompts.
-        deltas = self.generation.run(prompts, param="n" if len(prompts) == getattr(body, "n", 1) else "prompt")
+        deltas = self.generation.run(prompts, param="n" if len(prompts) == getattr(body, "n", 1) else "prompt",
+                                     whole=not body.stream)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return self.streaming(stream_chunks(response_id, deltas, include_usage))

@@ -21,6 +21,7 @@ Example:
     (True, 'resp_b')
 """
 
+import asyncio
 import time
 import uuid
 from collections import OrderedDict
@@ -31,10 +32,12 @@ from fastapi import Request
 
 from ...prompts.chat_format import AnswerStream, answer_text
 from ...prompts.prompt import Prompt
+from ...prompts.tools import ToolCall, parse_tool_output
 from ..errors import APIError
 from ..generation import Choice, collect, usage
-from ..protocol import (IncompleteDetails, InputMessage, OutputMessage, OutputText, ResponseObject,
-                        ResponsesRequest, ResponseUsage, UsageInfo)
+from ..protocol import (FunctionCallItem, FunctionCallOutput, FunctionCallOutputItem, IncompleteDetails,
+                        InputMessage, OutputMessage, OutputText, ResponseObject, ResponsesRequest, ResponseUsage,
+                        TextConfig, UsageInfo)
 from .base import Deltas, Handler, dialog_of, sse
 
 Dialog = Tuple[Dict[str, str], ...]
@@ -82,12 +85,58 @@ def input_messages(body: ResponsesRequest) -> List[InputMessage]:
     return body.input
 
 
-def output_items(item_id: str, text: str, status: str) -> List[Any]:
-    """A response's output as items: one assistant message holding the answer's text.
-
-    The one place generated text becomes output items (where function-call
-    items would be split off the text).
+def conversation_of(items: List[Any]) -> List[Dict[str, Any]]:
+    """Input items as chat turns: messages as they are, consecutive ``function_call`` items as one assistant
+    turn with ``tool_calls``, ``function_call_output`` items as ``tool`` messages (prompts/tools.py renders both).
     """
+    turns: List[Dict[str, Any]] = []
+    for index, item in enumerate(items):
+        if isinstance(item, FunctionCallItem):
+            call = {"id": item.call_id, "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments}}
+            if turns and turns[-1].get("tool_calls"):
+                turns[-1]["tool_calls"].append(call)
+            else:
+                turns.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif isinstance(item, FunctionCallOutputItem):
+            turns.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        else:
+            turns += dialog_of([item], "input", first_index=index)
+    return turns
+
+
+def structured_fields(body: ResponsesRequest) -> Dict[str, Any]:
+    """``text.format`` and the function tools in chat's shape (``response_format``, ``tools``, ...)."""
+    fields: Dict[str, Any] = {}
+    if body.text is not None and body.text.format.response_format() is not None:
+        fields["response_format"] = body.text.format.response_format()
+    if body.tools:
+        tools = []
+        for i, tool in enumerate(body.tools):
+            if tool.get("type") != "function":
+                raise APIError(400, f"tools[{i}].type: only function tools are supported, not {tool.get('type')!r}",
+                               param=f"tools[{i}].type")
+            tools.append({"type": "function", "function": {key: tool[key] for key in ("name", "description",
+                                                                                       "parameters") if key in tool}})
+        fields["tools"] = tools
+        choice = body.tool_choice
+        if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
+            choice = {"type": "function", "function": {"name": choice["name"]}}  # flat in the Responses API
+        if choice is not None:
+            fields["tool_choice"] = choice
+        if body.parallel_tool_calls is not None:
+            fields["parallel_tool_calls"] = body.parallel_tool_calls
+    return fields
+
+
+def output_items(item_id: str, text: str, status: str, calls: Tuple[ToolCall, ...] = ()) -> List[Any]:
+    """A response's output as items: one assistant message holding the answer's text, or its function calls.
+
+    The one place generated text becomes output items.
+    """
+    if calls:
+        return [FunctionCallOutput(id=f"fc_{call.id[len('call_'):]}", call_id=call.id, name=call.name,
+                                   arguments=call.arguments) for call in calls]
     return [OutputMessage(id=item_id, status=status, content=[OutputText(text=text)])]
 
 
@@ -110,12 +159,18 @@ class ResponsesHandler(Handler):
         self.builder.check_model(body.model)
         earlier = self._stored(body.previous_response_id, "previous_response_id").conversation \
             if body.previous_response_id else ()
-        conversation = (*earlier, *dialog_of(input_messages(body), "input"))
+        conversation = (*earlier, *conversation_of(input_messages(body)))
         system = ({"role": "system", "content": body.instructions},) if body.instructions else ()
-        prompts = self.builder.chat(body, [*system, *conversation], body.max_output_tokens,
-                                    truncate=body.truncation == "auto", max_tokens_param="max_output_tokens")
+        # Off the event loop: a huge request's prompt takes a while to fit and encode.
+        prompts = await asyncio.to_thread(self.builder.chat, body, [*system, *conversation], body.max_output_tokens,
+                                          truncate=body.truncation == "auto", max_tokens_param="max_output_tokens",
+                                          structured=structured_fields(body))
         response_id, item_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
-        deltas = self.generation.run(prompts)
+        deltas = self.generation.run(prompts, whole=not body.stream)
+        if body.stream and prompts[0].tools is not None:
+            # Calls are known only at the end: the answer is collected, then told as the same events.
+            return self.streaming(self._events_at_end(body, prompts[0], conversation, response_id, item_id, deltas),
+                                  done=False)
         if body.stream:
             return self.streaming(self._events(body, prompts[0], conversation, response_id, item_id, deltas),
                                   done=False)
@@ -143,15 +198,25 @@ class ResponsesHandler(Handler):
                 choice: Choice, created: Optional[int] = None) -> ResponseObject:
         """The finished response (stored when ``store``), from its one choice."""
         text = answer_text("".join(choice.text))
+        calls: Tuple[ToolCall, ...] = ()
+        if prompt.tools is not None:
+            content, calls = parse_tool_output(text, prompt.tools)
+            text = content or ""
         complete = choice.finish_reason != "length"
         status = "completed" if complete else "incomplete"
         response = self._response(
             body, response_id, created or int(time.time()), status=status,
             incomplete_details=None if complete else IncompleteDetails(reason="max_output_tokens"),
-            output=output_items(item_id, text, status),
+            output=output_items(item_id, text, status, calls),
+            tools=body.tools or [], tool_choice=body.tool_choice or ("auto" if body.tools else "none"),
+            parallel_tool_calls=body.parallel_tool_calls is not False and bool(body.tools),
+            text=body.text or TextConfig(),
             usage=_response_usage(usage(len(prompt.token_ids), [choice.final] if choice.final else [])))
         if body.store:
-            self.store.put(StoredResponse(response, (*conversation, {"role": "assistant", "content": text})))
+            answer = {"role": "assistant", "content": text}
+            if calls:
+                answer["tool_calls"] = [call.as_openai() for call in calls]
+            self.store.put(StoredResponse(response, (*conversation, answer)))
         return response
 
     async def _events(self, body: ResponsesRequest, prompt: Prompt, conversation: Dialog, response_id: str,
@@ -180,6 +245,44 @@ class ResponsesHandler(Handler):
         yield event("response.output_text.done", **where, text=item.content[0].text, logprobs=[])
         yield event("response.content_part.done", **where, part=item.content[0])
         yield event("response.output_item.done", output_index=0, item=item)
+        yield event("response.completed" if finished.status == "completed" else "response.incomplete",
+                    response=finished)
+
+
+    async def _events_at_end(self, body: ResponsesRequest, prompt: Prompt, conversation: Dialog, response_id: str,
+                             item_id: str, deltas: Deltas) -> AsyncIterator[str]:
+        """The Responses events of an answer collected whole: each output item (message or function call)
+        added, its text or arguments in one delta, done."""
+        created, sequence = int(time.time()), iter(range(1 << 62))
+
+        def event(kind: str, **fields: Any) -> str:
+            payload = {"type": kind, "sequence_number": next(sequence), **fields}
+            return sse({key: _plain(value) for key, value in payload.items()}, event=kind)
+
+        started = self._response(body, response_id, created, status="in_progress")
+        yield event("response.created", response=started)
+        yield event("response.in_progress", response=started)
+        choice = Choice()
+        async for _, delta in deltas:
+            choice.add(delta)
+        finished = self._finish(body, prompt, conversation, response_id, item_id, choice, created)
+        for index, item in enumerate(finished.output):
+            if isinstance(item, FunctionCallOutput):
+                yield event("response.output_item.added", output_index=index, item={**item.model_dump(),
+                            "arguments": "", "status": "in_progress"})
+                yield event("response.function_call_arguments.delta", item_id=item.id, output_index=index,
+                            delta=item.arguments)
+                yield event("response.function_call_arguments.done", item_id=item.id, output_index=index,
+                            arguments=item.arguments)
+            else:
+                where = {"item_id": item.id, "output_index": index, "content_index": 0}
+                yield event("response.output_item.added", output_index=index,
+                            item=OutputMessage(id=item.id, status="in_progress", content=[]))
+                yield event("response.content_part.added", **where, part=OutputText(text=""))
+                yield event("response.output_text.delta", **where, delta=item.content[0].text, logprobs=[])
+                yield event("response.output_text.done", **where, text=item.content[0].text, logprobs=[])
+                yield event("response.content_part.done", **where, part=item.content[0])
+            yield event("response.output_item.done", output_index=index, item=item)
         yield event("response.completed" if finished.status == "completed" else "response.incomplete",
                     response=finished)
 
