@@ -200,7 +200,7 @@ def _run_serve_on_ray(args: argparse.Namespace, model_dir: str, name: str) -> in
                              target_ongoing_requests=args.target_ongoing_requests,
                              max_ongoing_requests=args.max_ongoing_requests, replica_cpus=args.replica_cpus,
                              replica_gpus=args.replica_gpus, router=args.router,
-                             imbalance=args.imbalance)
+                             imbalance=args.imbalance, graceful_shutdown_timeout_s=args.drain_timeout)
     on_ray.run(engine, config, scale, args.host, args.port, args.ray_address)
     return 0
 

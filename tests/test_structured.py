@@ -132,3 +132,16 @@ def test_the_batching_engine_gives_the_eager_engine_s_greedy_json(tiny_model, ti
     assert [tuple(tokens[p.request_id]) for p in prompts] == [g.token_ids for g in eager]
     assert [finish[p.request_id] for p in prompts] == [g.finish_reason for g in eager]
     assert sum(g.finish_reason == "eos" for g in eager) >= 5
+
+
+def test_the_chat_pipeline_takes_response_format_and_tools(tiny_dir):
+    from modelscope.pipelines import pipeline
+
+    pipe = pipeline("chat", model=tiny_dir, device="cpu")
+    out = pipe({"text": "JSON?", "response_format": _format(SCHEMAS["enum"]), "do_sample": False,
+                "max_new_tokens": 48})
+    assert out["finish_reason"] == "eos" and json.loads(out["response"])["color"] in ("red", "green", "blue")
+    tools = [{"type": "function", "function": {"name": "pick", "parameters": SCHEMAS["enum"]}}]
+    out = pipe({"text": "Pick.", "tools": tools, "tool_choice": "required", "parallel_tool_calls": False,
+                "do_sample": False, "max_new_tokens": 64})
+    assert out["finish_reason"] == "tool_calls" and out["tool_calls"][0]["function"]["name"] == "pick"

@@ -207,11 +207,6 @@ class RequestGrammar:
             self.finished = True
         return accepted
 
-    @property
-    def complete(self) -> bool:
-        """The output so far is a whole value of the grammar."""
-        return self._matcher.is_completed()
-
 
 def allocate_token_bitmask(batch_size: int, vocab_size: int) -> torch.Tensor:
     """A CPU bitmask for ``batch_size`` rows (int32, one bit per token), everything allowed."""

@@ -114,7 +114,8 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
         builder.check_model(model_id)
         return card
 
-    @app.get("/metrics")
+    # Prometheus' text format, documented as such in /openapi.json.
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 

@@ -45,11 +45,13 @@ class Backend(abc.ABC):
         """Raise ``ValueError`` naming the first option the engine cannot honour, before any model work."""
 
     @abc.abstractmethod
-    def stream(self, prompt: Prompt) -> AsyncIterator[TextDelta]:
+    def stream(self, prompt: Prompt, whole: bool = False) -> AsyncIterator[TextDelta]:
         """Generate for ``prompt``: its text deltas, the last with ``finish_reason`` and ``usage``.
 
         Closing the iterator early (``aclose()``, e.g. when the client goes
-        away) aborts the request and frees its slot.
+        away) aborts the request and frees its slot. ``whole``: the caller
+        answers only once the text is complete (not streamed to a client),
+        so a backend may start the request over elsewhere at any point.
         """
 
     @abc.abstractmethod
@@ -89,7 +91,7 @@ class LocalBackend(Backend):
     def check_sampling(self, sampling: SamplingParams, where: str) -> None:
         self.engine.check_sampling(sampling, where)
 
-    async def stream(self, prompt: Prompt) -> AsyncIterator[TextDelta]:
+    async def stream(self, prompt: Prompt, whole: bool = False) -> AsyncIterator[TextDelta]:
         mailbox = _Mailbox(asyncio.get_running_loop())
         detokenizer: List[StreamingDetokenizer] = []  # built on the engine's thread (long stops take a while)
 

@@ -32,8 +32,10 @@ class Generation:
         self._outlets: Set["asyncio.Queue[Tuple[int, Any]]"] = set()  # of the requests generating now
         self._refusal: Optional[Exception] = None
 
-    def run(self, prompts: List[Prompt], param: str = "n") -> AsyncIterator[Tuple[int, TextDelta]]:
+    def run(self, prompts: List[Prompt], param: str = "n", whole: bool = False) -> AsyncIterator[Tuple[int, TextDelta]]:
         """``(choice index, delta)`` pairs as they come; closing the iterator aborts every unfinished choice.
+
+        ``whole``: the answer goes out only once complete (the backend may then start a choice over elsewhere).
 
         The choices take their places in the waiting line now: raises
         :class:`~modelscope_llama2.serving.errors.APIError` (429, or 400
@@ -44,7 +46,7 @@ class Generation:
         self.admission.reserve(len(prompts), param)
         queue: "asyncio.Queue[Tuple[int, Any]]" = asyncio.Queue()
         started: List[int] = []
-        tasks = [asyncio.create_task(self._pump(i, p, queue, started)) for i, p in enumerate(prompts)]
+        tasks = [asyncio.create_task(self._pump(i, p, queue, started, whole)) for i, p in enumerate(prompts)]
         return self._merged(tasks, queue, started)
 
     def refuse(self, error: Exception) -> None:
@@ -56,12 +58,13 @@ class Generation:
         for queue in self._outlets:
             queue.put_nowait((0, error))
 
-    async def _pump(self, index: int, prompt: Prompt, queue: "asyncio.Queue", started: List[int]) -> None:
+    async def _pump(self, index: int, prompt: Prompt, queue: "asyncio.Queue", started: List[int],
+                    whole: bool) -> None:
         started.append(index)  # from here its slot() gives its place in the line back
         arrived = time.perf_counter()  # TTFT includes the wait for a slot, as clients see it
         try:
             async with self.admission.slot():
-                await self._stream_one(index, prompt, queue, arrived)
+                await self._stream_one(index, prompt, queue, arrived, whole)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # re-raised in the consumer
@@ -88,10 +91,11 @@ class Generation:
             await asyncio.gather(*tasks, return_exceptions=True)
             self.admission.release(len(tasks) - len(started))  # cancelled before they ever ran
 
-    async def _stream_one(self, index: int, prompt: Prompt, queue: "asyncio.Queue", arrived: float) -> None:
+    async def _stream_one(self, index: int, prompt: Prompt, queue: "asyncio.Queue", arrived: float,
+                          whole: bool) -> None:
         started = last = arrived
         first = True
-        stream = self.backend.stream(prompt)
+        stream = self.backend.stream(prompt, whole)
         try:
             async for delta in stream:
                 now = time.perf_counter()

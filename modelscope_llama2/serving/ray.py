@@ -369,20 +369,32 @@ class RemoteBackend(Backend):
         # The engine's own check, on the name and options its replicas published.
         Engine.check_sampling(self._card, sampling, where)  # type: ignore[arg-type]
 
-    async def stream(self, prompt: Prompt) -> AsyncIterator[TextDelta]:
+    async def stream(self, prompt: Prompt, whole: bool = False) -> AsyncIterator[TextDelta]:
+        """The replica's deltas; a replica lost before any reached the client is replaced by another.
+
+        With ``whole`` (an answer sent only once complete) the deltas of an
+        attempt are held until it finishes, so a replica lost at any point
+        is retried: nothing had reached the client yet.
+        """
         for attempt in range(self.retries + 1):
             response = self._handle.stream.remote(prompt)
             self._live[prompt.request_id] = response
             served_by: Optional[ServedBy] = None
             streamed = False
+            held: List[TextDelta] = []
             try:
                 async for item in response:
                     if isinstance(item, ServedBy):
                         served_by = item
                         continue
-                    streamed = True
                     if item.usage is not None and self.metrics is not None and served_by is not None:
                         self.metrics.record(served_by, item.usage)
+                    if whole:
+                        held.append(item)
+                        continue
+                    streamed = True
+                    yield item
+                for item in held:
                     yield item
                 return
             except REPLICA_LOST as error:
@@ -423,8 +435,10 @@ class OpenAIIngress:
 def build_application(engine: EngineSpec, config: ServerConfig, scale: ScaleSpec):
     """The Serve application: the ingress bound to ``scale.replicas`` model replicas of ``engine``."""
     model = serve.deployment(ModelReplica, name=MODEL_DEPLOYMENT, **scale.deployment_options())
+    # On shutdown the ingress, like the replicas, lets its requests finish for graceful_shutdown_timeout_s.
     ingress = serve.deployment(OpenAIIngress, name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=config.max_running + config.max_waiting)
+                               max_ongoing_requests=config.max_running + config.max_waiting,
+                               graceful_shutdown_timeout_s=scale.graceful_shutdown_timeout_s)
     return ingress.bind(model.bind(engine), config)
 
 

@@ -93,7 +93,7 @@ def run(app: Any, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[s
                             timeout_keep_alive=limits.keep_alive, limit_concurrency=limits.max_connections,
                             # A backstop only: the drain ends every request itself by then.
                             timeout_graceful_shutdown=int(limits.drain_timeout) + 5)
-    DrainingServer(config, limits.drain_timeout).run()
+    draining_server(config, limits.drain_timeout).run()
 
 
 def drain_of(app: Any) -> Any:
@@ -101,7 +101,7 @@ def drain_of(app: Any) -> Any:
     return app.app.state.drain
 
 
-def DrainingServer(config: Any, drain_timeout: float) -> Any:
+def draining_server(config: Any, drain_timeout: float) -> Any:
     """A uvicorn server whose first SIGTERM/SIGINT starts the app's drain as uvicorn stops accepting connections."""
     import uvicorn
 

@@ -97,20 +97,22 @@ def lm_eval(tmp_path, tasks, model, model_args, *extra):
 
 def test_multiple_choice_loglikelihoods_equal_the_hf_backend(tmp_path, tasks, server_url):
     task = (tasks, "demo_multiple_choice")
-    oracle, oracle_samples = lm_eval(tmp_path, task, "hf", f"pretrained={DEMO_DIR},dtype=float32",
+    # BOS first on both (Llama 2 is trained with it): lm-eval's API models leave it out unless told.
+    oracle, oracle_samples = lm_eval(tmp_path, task, "hf", f"pretrained={DEMO_DIR},dtype=float32,add_bos_token=True",
                                      "--device", "cpu", "--batch_size", "4")
     served, served_samples = lm_eval(
         tmp_path, task, "local-completions",
-        f"model=demo,base_url={server_url}/v1/completions,tokenizer={DEMO_DIR},num_concurrent=2,max_retries=1")
+        f"model=demo,base_url={server_url}/v1/completions,tokenizer={DEMO_DIR},add_bos_token=True,"
+        "num_concurrent=2,max_retries=1")
     assert served["acc,none"] == oracle["acc,none"] > 0
     assert sorted(served_samples) == sorted(oracle_samples) and len(oracle_samples) == 8
     for doc_id, expected in oracle_samples.items():
         got = served_samples[doc_id]
         assert len(got["filtered_resps"]) == len(expected["filtered_resps"]) == 4
-        for (loglikelihood, greedy), (expected_ll, expected_greedy) in zip(got["filtered_resps"],
-                                                                           expected["filtered_resps"]):
-            assert float(loglikelihood) == pytest.approx(float(expected_ll), abs=TOL)
-            assert greedy == expected_greedy
+        for choice, ((loglikelihood, greedy), (expected_ll, expected_greedy)) in enumerate(
+                zip(got["filtered_resps"], expected["filtered_resps"])):
+            assert float(loglikelihood) == pytest.approx(float(expected_ll), abs=TOL), (doc_id, choice)
+            assert greedy == expected_greedy, (doc_id, choice)
 
 
 def test_generate_until_through_chat_completions(tmp_path, tasks, server_url):

@@ -219,3 +219,29 @@ def victim_replica(client, url, messages):
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("#" + replica)]
     assert len(names) == 1
     return names[0]
+
+
+def test_a_whole_answer_whose_replica_dies_mid_generation_is_retried(scaled, local, scaled_url, expected_rank):
+    # Issue 19, finding 10: a non-streamed request got 503 though nothing had reached its client.
+    import ray
+
+    on_victim = [opening(q + " Tell me more.") for q in QUESTIONS if expected_rank(opening(q + " Tell me more.")) == 0]
+    long = [m for m in on_victim if answer(local, m, max_tokens=2000)[1] == "length"]
+    assert len(long) >= 2, "two conversations on rank 0 should run to max_tokens"
+    whole, probe = long[:2]
+    expected = answer(local, whole, max_tokens=2000)[0]
+    victim = victim_replica(scaled, scaled_url, probe)
+    retries_before = metric_value(metrics(scaled_url), "modelscope_llama2_replica_retries")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        chunks = scaled.chat.completions.create(model=MODEL, messages=probe, stream=True, max_tokens=2000, **GREEDY)
+        result = None
+        for pieces, chunk in enumerate(chunks):  # the victim generating the probe...
+            if pieces == 5:
+                result = pool.submit(answer, scaled, whole, max_tokens=2000)  # ...and then the whole answer too
+            if pieces == 40:
+                break
+        assert not result.done(), "the whole answer should still be generating"
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        text, finish_reason, _ = result.result(timeout=300)
+    assert (text, finish_reason) == (expected, "length")
+    assert metric_value(metrics(scaled_url), "modelscope_llama2_replica_retries") > retries_before

@@ -85,3 +85,37 @@ def test_ignore_eos_and_penalties(vllm_engine, demo_tokenizer, transformers_mode
     for i, token in enumerate(penalized):
         counts = torch.bincount(torch.tensor(penalized[:i], dtype=torch.long), minlength=logits.shape[-1]).float()
         assert token == int((logits[len(ids) - 1 + i] - frequency * counts - presence * (counts > 0)).argmax())
+
+
+def test_echo_scoring_and_chat_logprobs_over_http(vllm_engine, demo_tokenizer, vllm_model_dir, transformers_model):
+    """The server on the session's vLLM engine: what lm-eval's loglikelihood requests and chat logprobs get."""
+    import openai
+
+    from modelscope_llama2.serving.app import create_app
+    from modelscope_llama2.serving.backend import LocalBackend
+    from modelscope_llama2.serving.config import ServerConfig
+    from modelscope_llama2.serving.server import default_sampling
+    from tests.helpers import running_server
+
+    class SessionBackend(LocalBackend):
+        async def close(self) -> None:  # the session's engine outlives this app (conftest closes it)
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    backend = SessionBackend(vllm_engine, demo_tokenizer)
+    app = create_app(backend, ServerConfig("demo", default_sampling=default_sampling(vllm_model_dir)))
+    with running_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        ids = [1, *demo_tokenizer.encode("West Lake is in Hangzhou")]
+        scored = client.completions.create(model="demo", prompt=ids, max_tokens=0, echo=True, logprobs=1).choices[0]
+        ref = reference_logprobs(transformers_model, ids)
+        assert scored.logprobs.token_logprobs[0] is None
+        assert scored.logprobs.token_logprobs[1:] == pytest.approx(
+            [ref[i - 1, ids[i]].item() for i in range(1, len(ids))], abs=TOL)
+        reply = client.chat.completions.create(model="demo", temperature=0, logprobs=True, top_logprobs=2,
+                                               messages=[{"role": "user", "content": "Hi!"}],
+                                               extra_body={"return_token_ids": True})
+        chat_ids = reply.prompt_token_ids + reply.choices[0].token_ids
+        ref = reference_logprobs(transformers_model, chat_ids)
+        start = len(reply.prompt_token_ids) - 1
+        assert [c.logprob for c in reply.choices[0].logprobs.content] == pytest.approx(
+            [ref[start + i, t].item() for i, t in enumerate(reply.choices[0].token_ids)], abs=TOL)

@@ -352,7 +352,8 @@ class Handler:
         """Generate ``prompts``; SSE chunks from ``stream_chunks`` or one response from ``build``."""
         response_id = f"{kind}-{uuid.uuid4().hex}"
         # Past the choice limit, name what made the request big: its n, or (completions) its list of prompts.
-        deltas = self.generation.run(prompts, param="n" if len(prompts) == getattr(body, "n", 1) else "prompt")
+        deltas = self.generation.run(prompts, param="n" if len(prompts) == getattr(body, "n", 1) else "prompt",
+                                     whole=not body.stream)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return self.streaming(stream_chunks(response_id, deltas, include_usage))

@@ -27,10 +27,10 @@ class ChatHandler(Handler):
 
     async def create(self, body: ChatCompletionRequest, request: Request) -> Any:
         self.builder.check_model(body.model)
-        dialog = dialog_of(body.messages)
-        # Off the event loop: a huge request's prompt takes a while to fit and encode.
-        prompts = await asyncio.to_thread(self.builder.chat, body, dialog, body.max_completion_tokens or body.max_tokens,
-                                          body.n, truncate=body.truncation == "auto")
+        # Off the event loop: a huge request's dialog takes a while to read, fit and encode.
+        prompts = await asyncio.to_thread(lambda: self.builder.chat(
+            body, dialog_of(body.messages), body.max_completion_tokens or body.max_tokens, body.n,
+            truncate=body.truncation == "auto"))
 
         tokens = TokenTexts(self.builder.tokenizer) if prompts[0].sampling.logprobs is not None else None
 

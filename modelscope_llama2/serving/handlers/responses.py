@@ -21,6 +21,7 @@ Example:
     (True, 'resp_b')
 """
 
+import asyncio
 import time
 import uuid
 from collections import OrderedDict
@@ -160,11 +161,12 @@ class ResponsesHandler(Handler):
             if body.previous_response_id else ()
         conversation = (*earlier, *conversation_of(input_messages(body)))
         system = ({"role": "system", "content": body.instructions},) if body.instructions else ()
-        prompts = self.builder.chat(body, [*system, *conversation], body.max_output_tokens,
-                                    truncate=body.truncation == "auto", max_tokens_param="max_output_tokens",
-                                    structured=structured_fields(body))
+        # Off the event loop: a huge request's prompt takes a while to fit and encode.
+        prompts = await asyncio.to_thread(self.builder.chat, body, [*system, *conversation], body.max_output_tokens,
+                                          truncate=body.truncation == "auto", max_tokens_param="max_output_tokens",
+                                          structured=structured_fields(body))
         response_id, item_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
-        deltas = self.generation.run(prompts)
+        deltas = self.generation.run(prompts, whole=not body.stream)
         if body.stream and prompts[0].tools is not None:
             # Calls are known only at the end: the answer is collected, then told as the same events.
             return self.streaming(self._events_at_end(body, prompts[0], conversation, response_id, item_id, deltas),
