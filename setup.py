@@ -23,7 +23,7 @@ setup(
         "sentencepiece>=0.2.3",  # older ones train other tokenizers from the tests' corpus
         "accelerate>=1.1",  # what transformers 5 requires for device_map
         "safetensors>=0.8",  # what transformers 5.18 requires
-        "protobuf>=4.21",  # the first 4.x release
+        "protobuf>=7.36.1",  # sentencepiece 0.2.3's generated model_pb2 requires this runtime
         "jinja2>=3.1",
     ],
     extras_require={
