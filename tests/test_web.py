@@ -40,9 +40,9 @@ def demo_backend():
 
 def test_conversation_edits():
     conversation = Conversation((("a", "1"), ("b", "2"), ("c", "3")))
-    assert chatbot_messages(conversation)[2:4] == [{"role": "user", "content": "b"},
-                                                   {"role": "assistant", "content": "2"}]
-    assert chatbot_messages(Conversation(pending="d"))[-1] == {"role": "user", "content": "d"}
+    assert chatbot_messages(conversation)[2:4] == [{"role": "user", "content": {"type": "text", "text": "b"}},
+                                                   {"role": "assistant", "content": {"type": "text", "text": "2"}}]
+    assert chatbot_messages(Conversation(pending="d"))[-1] == {"role": "user", "content": {"type": "text", "text": "d"}}
     # Retry and undo: the rounds before the message's round, and its user message.
     assert rewind(conversation, 5) == (Conversation((("a", "1"), ("b", "2"))), "c")
     assert rewind(conversation, 2) == (Conversation((("a", "1"),)), "b")
@@ -152,6 +152,18 @@ def test_stopping_keeps_the_shown_answer_and_frees_the_model(tiny_dir):
     assert last.note.split("\n\n") == ["ℹ️ The answer was cut at the limit of 5 new tokens.",
                                        f"{prompt_tokens} prompt tokens ({last.note.split('(')[1].split()[0]} "
                                        "cached), 5 generated"]
+
+
+def test_the_chat_shows_the_text_the_prompt_holds():
+    # Gradio's Chatbot would turn a plain str's tabs to spaces and drop its indentation: the page then
+    # showed other text than the next prompt held. Through the real component, what comes back is exact.
+    gr = pytest.importorskip("gradio", reason="the web extra is not installed")
+    conversation = Conversation((("  a\tb", "\n  x\ty\n    z\n"),), pending="\tq")
+    chatbot = gr.Chatbot()
+    shown = chatbot.preprocess(chatbot.postprocess(chatbot_messages(conversation)))
+    assert [part["text"] for message in shown for part in message["content"]] == ["  a\tb", "\n  x\ty\n    z\n",
+                                                                                   "\tq"]
+    assert web.conversation_from_json(web.conversation_json(conversation)) == conversation
 
 
 def test_missing_gradio_is_said_plainly():

@@ -8,7 +8,7 @@ The answers come from one of two backends:
 * ``--api-base URL``: a running ``python -m modelscope_llama2 serve``, through
   the ``openai`` SDK (:class:`OpenAIBackend`).
 
-Each browser tab is its own conversation (Gradio's per-session state). The
+Each browser tab is its own conversation, kept in the page itself. The
 page shows exactly what the next prompt is built from: the system prompt box
 and the rounds in the chat, edits and retries included. When the oldest
 rounds do not fit in the context with room for the answer, they are left
@@ -19,9 +19,8 @@ The conversation logic (:class:`Conversation`, :func:`respond`, :func:`rewind`,
 :func:`edit`) is plain Python, apart from the Gradio layout (:func:`build_demo`)::
 
     >>> conversation = Conversation(rounds=(("Hi!", "Hello!"),), pending="Where is the capital of Zhejiang?")
-    >>> chatbot_messages(conversation)  # doctest: +NORMALIZE_WHITESPACE
-    [{'role': 'user', 'content': 'Hi!'}, {'role': 'assistant', 'content': 'Hello!'},
-     {'role': 'user', 'content': 'Where is the capital of Zhejiang?'}]
+    >>> [message["content"]["text"] for message in chatbot_messages(conversation)]
+    ['Hi!', 'Hello!', 'Where is the capital of Zhejiang?']
 """
 
 import logging
@@ -111,14 +110,38 @@ class Backend(Protocol):
 # -- conversation logic --------------------------------------------------------
 
 
-def chatbot_messages(conversation: Conversation) -> List[Dict[str, str]]:
+def chatbot_messages(conversation: Conversation) -> List[Dict[str, Any]]:
     """The chat as ``gr.Chatbot`` shows it (messages format): one user and one assistant message per round."""
     messages = []
     for user, answer in conversation.rounds:
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        messages += [_message("user", user), _message("assistant", answer)]
     if conversation.pending is not None:
-        messages.append({"role": "user", "content": conversation.pending})
+        messages.append(_message("user", conversation.pending))
     return messages
+
+
+def _message(role: str, text: str) -> Dict[str, Any]:
+    # A text part, not a plain str: Gradio tidies a str (inspect.cleandoc: tabs to spaces, indentation and
+    # blank first/last lines gone), and the chat must show the very text the next prompt holds.
+    return {"role": role, "content": {"type": "text", "text": text}}
+
+
+def conversation_json(conversation: Conversation) -> Dict[str, Any]:
+    """The conversation as the page keeps it: plain JSON, read back by :func:`conversation_from_json`.
+
+    Example:
+        >>> conversation = Conversation((("Hi!", "Hello!"),), pending="How are you?")
+        >>> conversation_json(conversation)
+        {'rounds': [['Hi!', 'Hello!']], 'pending': 'How are you?'}
+        >>> conversation_from_json(conversation_json(conversation)) == conversation
+        True
+    """
+    return {"rounds": [list(round_) for round_ in conversation.rounds], "pending": conversation.pending}
+
+
+def conversation_from_json(value: Dict[str, Any]) -> Conversation:
+    """The :class:`Conversation` that :func:`conversation_json` gave the page."""
+    return Conversation(tuple((user, answer) for user, answer in value["rounds"]), value["pending"])
 
 
 def respond(backend: Backend, conversation: Conversation, text: str, system: Optional[str],
@@ -415,43 +438,49 @@ def build_demo(backend: Backend, title: str = "Llama 2 chat") -> Any:
                 temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05,
                                         label="Temperature (0: greedy)", elem_id="temperature")
                 top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top p", elem_id="top-p")
-        conversation = gr.State(Conversation())
+        # The conversation lives in the page, not in a gr.State on the server: the chat and it then change
+        # in the same update, so they cannot diverge. With a gr.State, Stop could leave the state one token
+        # ahead of the chat (the last streamed update reached the state, but the page dropped it with the
+        # cancelled event), and the next prompt held text the user never saw. The handlers get and return
+        # it as plain JSON (conversation_json), and work on Conversation inside.
+        conversation = gr.JSON(conversation_json(Conversation()), visible=False)
 
         page = [message, chatbot, conversation, note]
         controls = [conversation, system, max_new_tokens, temperature, top_p]
 
         def show(update: Update) -> tuple:
             draft = gr.skip() if update.draft is None else update.draft
-            return draft, chatbot_messages(update.conversation), update.conversation, update.note
+            return draft, chatbot_messages(update.conversation), conversation_json(update.conversation), update.note
 
         def answer(conversation: Conversation, text: str, system: str, *controls: float) -> Iterator[tuple]:
             for update in respond(backend, conversation, text, system, Settings(int(controls[0]), *controls[1:])):
                 yield show(update)
 
-        def on_send(text: str, conversation: Conversation, *controls: Any) -> Iterator[tuple]:
+        def on_send(text: str, state: Dict[str, Any], *controls: Any) -> Iterator[tuple]:
             if text.strip():
-                yield from answer(conversation, text, *controls)
+                yield from answer(conversation_from_json(state), text, *controls)
 
-        def on_retry(conversation: Conversation, *controls: Any) -> Iterator[tuple]:
+        def on_retry(state: Dict[str, Any], *controls: Any) -> Iterator[tuple]:
+            conversation = conversation_from_json(state)
             if conversation.rounds:
                 yield from answer(*rewind(conversation, 2 * len(conversation.rounds) - 1), *controls)
 
-        def on_retry_message(data: gr.RetryData, conversation: Conversation, *controls: Any) -> Iterator[tuple]:
-            yield from answer(*rewind(conversation, data.index), *controls)
+        def on_retry_message(data: gr.RetryData, state: Dict[str, Any], *controls: Any) -> Iterator[tuple]:
+            yield from answer(*rewind(conversation_from_json(state), data.index), *controls)
 
-        def on_edit(data: gr.EditData, conversation: Conversation, *controls: Any) -> Iterator[tuple]:
-            edited, text = edit(conversation, data.index, data.value)  # the edited text
+        def on_edit(data: gr.EditData, state: Dict[str, Any], *controls: Any) -> Iterator[tuple]:
+            edited, text = edit(conversation_from_json(state), data.index, data.value)  # the edited text
             if text is None:
                 yield show(Update(edited))
             else:
                 yield from answer(edited, text, *controls)
 
-        def on_undo(data: gr.UndoData, conversation: Conversation) -> tuple:
-            earlier, text = rewind(conversation, data.index)
+        def on_undo(data: gr.UndoData, state: Dict[str, Any]) -> tuple:
+            earlier, text = rewind(conversation_from_json(state), data.index)
             return show(Update(earlier, draft=text))
 
-        def on_stop(conversation: Conversation) -> tuple:
-            return show(Update(stopped(conversation)))
+        def on_stop(state: Dict[str, Any]) -> tuple:
+            return show(Update(stopped(conversation_from_json(state))))
 
         def on_clear() -> tuple:
             return show(Update(Conversation()))
