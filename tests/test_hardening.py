@@ -186,7 +186,10 @@ def test_a_burst_is_held_to_the_waiting_line_and_429_says_when_to_retry(server):
     watching.set()
     watcher.join()
     assert len(statuses) == 40 and set(statuses) == {200, 429}, statuses
-    assert peak["running"] <= 2 and peak["waiting"] <= 4 and peak["held"] <= 6, peak
+    # Places are taken on arrival: a choice is "waiting" from then until it holds a running slot, so at
+    # the instant of the burst all 6 admitted may still count as waiting; the bound is on what is held.
+    assert peak["running"] <= 2 and peak["held"] <= 6, peak
+    assert statuses.count(200) >= 6, statuses
     assert retry_after and all(value == "1" for value in retry_after)
     assert metric(url, 429) - before == statuses.count(429)
     assert admission.running == admission.waiting == 0
@@ -288,6 +291,18 @@ def closed_within(sock, seconds):
         return False
 
 
+def read_until_closed(sock, seconds):
+    """Everything the server sends on ``sock`` until it closes it (or ``seconds`` of silence)."""
+    sock.settimeout(seconds)
+    received = b""
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except socket.timeout:
+        pass
+    return received
+
+
 def test_idle_slow_and_stalled_connections_are_closed(serve_process):
     # Finding 6: a short body, 200 idle connections and 20 slowloris requests stayed open > 65 s.
     _, port, _ = serve_process
@@ -298,8 +313,7 @@ def test_idle_slow_and_stalled_connections_are_closed(serve_process):
     short.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"model\": ")  # 90 bytes short
     assert closed_within(slowloris, 15) and all(closed_within(sock, 15) for sock in idle)
-    short.settimeout(15)
-    answer = short.recv(4096)
+    answer = read_until_closed(short, 15)  # the status line and the body may come in separate reads
     assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
     for sock in [*idle, slowloris, short]:
         sock.close()
@@ -314,7 +328,7 @@ def test_sigterm_drains_every_stream_to_done_and_exits_cleanly(serve_process):
         with httpx.Client(timeout=60) as client:
             with client.stream("POST", url + "/v1/completions", json={
                     "model": "tiny", "prompt": f"stream {i}", "max_tokens": 3000, "temperature": 0,
-                    "stream": True}) as reply:
+                    "ignore_eos": True, "stream": True}) as reply:
                 lines = reply.iter_lines()
                 first = next(lines)
                 started.wait()

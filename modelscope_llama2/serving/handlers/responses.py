@@ -26,7 +26,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 
 from fastapi import Request
 
@@ -221,12 +221,7 @@ class ResponsesHandler(Handler):
 
     async def _events(self, body: ResponsesRequest, prompt: Prompt, conversation: Dialog, response_id: str,
                       item_id: str, deltas: Deltas) -> AsyncIterator[str]:
-        created, sequence = int(time.time()), iter(range(1 << 62))
-
-        def event(kind: str, **fields: Any) -> str:
-            payload = {"type": kind, "sequence_number": next(sequence), **fields}
-            return sse({key: _plain(value) for key, value in payload.items()}, event=kind)
-
+        created, event = int(time.time()), _event_writer()
         started = self._response(body, response_id, created, status="in_progress")
         yield event("response.created", response=started)
         yield event("response.in_progress", response=started)
@@ -253,12 +248,7 @@ class ResponsesHandler(Handler):
                              item_id: str, deltas: Deltas) -> AsyncIterator[str]:
         """The Responses events of an answer collected whole: each output item (message or function call)
         added, its text or arguments in one delta, done."""
-        created, sequence = int(time.time()), iter(range(1 << 62))
-
-        def event(kind: str, **fields: Any) -> str:
-            payload = {"type": kind, "sequence_number": next(sequence), **fields}
-            return sse({key: _plain(value) for key, value in payload.items()}, event=kind)
-
+        created, event = int(time.time()), _event_writer()
         started = self._response(body, response_id, created, status="in_progress")
         yield event("response.created", response=started)
         yield event("response.in_progress", response=started)
@@ -294,3 +284,14 @@ def _plain(value: Any) -> Any:
 def _response_usage(use: UsageInfo) -> ResponseUsage:
     return ResponseUsage(input_tokens=use.prompt_tokens, input_tokens_details=use.prompt_tokens_details,
                          output_tokens=use.completion_tokens, total_tokens=use.total_tokens)
+
+
+def _event_writer() -> Callable[..., str]:
+    """``event(kind, **fields)``: one Responses SSE event, numbered in the order written."""
+    sequence = iter(range(1 << 62))
+
+    def event(kind: str, **fields: Any) -> str:
+        payload = {"type": kind, "sequence_number": next(sequence), **fields}
+        return sse({key: _plain(value) for key, value in payload.items()}, event=kind)
+
+    return event
