@@ -175,3 +175,25 @@ def test_rows_draw_from_the_tokens_transformers_warpers_keep(top_k, top_p, min_p
         assert drawn[row] <= set(kept[row].nonzero().flatten().tolist())
         if kept[row].sum() == 1:
             assert len(drawn[row]) == 1
+
+
+def test_never_written_kv_memory_cannot_leak_into_a_shorter_row(model, tokenizer):
+    # The slots are allocated uninitialised; a row shorter than the batch's longest reads (masked) positions its
+    # slot never wrote. Masks are additive, so NaN there (what freed memory may hold) would still poison the row
+    # (NaN + min is NaN, 0 * NaN is NaN): a seeded row once gave [196, 0, 0, ...] in a batch under load.
+    engine = BatchingEngine(model, max_batch_size=8, max_model_len=128)
+    try:
+        for tensor in (*engine.kv.keys, *engine.kv.values):
+            tensor.fill_(float("nan"))
+        engine.kv.initialised = [0] * engine.kv.slots
+        short = Prompt(encode(tokenizer, "Hi"), SamplingParams(max_new_tokens=12, seed=3, options=SAMPLED,
+                                                               ignore_eos=True))
+        alone, _, _ = run(engine, [short])
+        longer = [Prompt(encode(tokenizer, t), SamplingParams(max_new_tokens=20, options=GREEDY)) for t in TEXTS[1:4]]
+        target = Prompt(short.token_ids, short.sampling)
+        batched, _, _ = run(engine, [*longer, target])  # never used slots (LRU) full of NaN past the prompts
+        assert batched[target.request_id] == alone[short.request_id]
+        for prompt in longer:
+            assert batched[prompt.request_id] == reference(model, list(prompt.token_ids), 20)[0]
+    finally:
+        engine.close()

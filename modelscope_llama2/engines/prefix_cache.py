@@ -89,7 +89,7 @@ class PromptCache:
             self.stats.lookups += 1
             best_key, best_len = None, 0
             for key, (ids, *_) in self._entries.items():
-                shared = _common_prefix(ids, prompt_ids)
+                shared = common_prefix_length(ids, prompt_ids)
                 if shared > best_len:
                     best_key, best_len = key, shared
             usable = min(best_len, len(prompt_ids) - 1)
@@ -133,7 +133,8 @@ class PromptCache:
         return self.max_bytes is not None and sum(entry[2] for entry in self._entries.values()) > self.max_bytes
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share (what a cached KV can serve of a new prompt)."""
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:

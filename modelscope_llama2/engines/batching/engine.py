@@ -44,6 +44,7 @@ from ...constants import BOS_ID, CONTEXT_LENGTH, EOS_ID, PAD_ID
 from ...prompts.prompt import Prompt, SamplingParams
 from ..base import Engine, EventBuffer, TokenEvent, TokenLogprob, Usage
 from ..logits import raw_logprobs, token_logprob
+from ..prefix_cache import common_prefix_length
 from ..transformers_engine import check_token_ids
 from .kv import SlotCache, bytes_per_token
 from .sampler import CHECKPOINT_DEFAULTS, ROW_OPTIONS, RowSampling, row_sampling, sample
@@ -245,7 +246,7 @@ class BatchingEngine(Engine):
         """A free slot for a prompt and how many of its ids already have KV there (at least one id is left)."""
         best, shared = -1, 0
         for slot, held in enumerate(self._slot_ids if reuse else ()):
-            n = _common_prefix(held, ids)
+            n = common_prefix_length(held, ids)
             if n > shared:
                 best, shared = slot, n
         usable = min(shared, len(ids) - 1)
@@ -398,14 +399,6 @@ class _Request:
             self.done = True
             usage = Usage(len(self.prompt.token_ids), self.count, self.cached)
             self.on_event(self._event(token_ids, reason, usage, logprobs))
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def _checkpoint_defaults(model: Any) -> Dict[str, Any]:

@@ -40,18 +40,48 @@ class SlotCache:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         shape = (slots, kv_heads, slot_length, head_dim)
-        # empty, not zeros: pages are touched only where requests write (masking hides the rest).
+        # empty, not zeros: pages are touched only where a step reads (see read_up_to).
         self.keys: List[torch.Tensor] = [torch.empty(shape, dtype=dtype, device=d) for d in devices]
         self.values: List[torch.Tensor] = [torch.empty(shape, dtype=dtype, device=d) for d in devices]
         self.bytes_per_slot = bytes_per_token(config, dtype) * slot_length
+        self.initialised = [0] * slots  # per slot: positions [:n] hold finite values (KV or zeros)
+
+    def read_up_to(self, slots: Sequence[int], kv_len: int) -> None:
+        """Zero the positions ``[:kv_len]`` of ``slots`` that were never written, before a step reads them.
+
+        A row shorter than the batch's longest reads, masked, positions its
+        slot never wrote. Masks are additive, so NaN or inf in uninitialised
+        memory would still poison the row (``NaN + min`` is NaN and
+        ``0 * NaN`` is NaN in the weighted sum of values); stale finite KV of
+        an earlier request is harmless.
+
+        Example:
+            >>> from transformers import LlamaConfig
+            >>> config = LlamaConfig(hidden_size=8, num_attention_heads=2, num_hidden_layers=1, vocab_size=10)
+            >>> cache = SlotCache(config, slots=2, slot_length=6, dtype=torch.float32, devices=["cpu"])
+            >>> cache.keys[0].fill_(float("nan"))[0, 0, 0, 0].item()
+            nan
+            >>> cache.read_up_to([1], 4)
+            >>> cache.keys[0][1, :, :4].isnan().any().item(), cache.keys[0][1, :, 4:].isnan().all().item()
+            (False, True)
+        """
+        for slot in slots:
+            start = self.initialised[slot]
+            if start < kv_len:
+                for tensors in (self.keys, self.values):
+                    for layer in tensors:
+                        layer[slot, :, start:kv_len].zero_()
+                self.initialised[slot] = kv_len
 
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Copy the first ``length`` positions of slot ``source`` into slot ``target`` (every layer)."""
         for tensors in (self.keys, self.values):
             for layer in tensors:
                 layer[target, :, :length].copy_(layer[source, :, :length])
+        self.initialised[target] = max(self.initialised[target], length)
 
     def step(self, slots: Sequence[int], positions: torch.Tensor, kv_len: int) -> "StepCache":
+        self.read_up_to(slots, kv_len)
         return StepCache(self, list(slots), positions, kv_len)
 
 
