@@ -366,3 +366,23 @@ def test_large_bodies_are_validated_like_small_ones(server, size):
     ok = httpx.post(url + "/v1/completions", headers=AUTH, timeout=120, json={
         "model": "tiny", "prompt": text[:2000], "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length", ok.text
+
+
+@pytest.mark.parametrize("count", [3, 3_001])  # FastAPI's own validation, and the one in pieces off the loop
+def test_long_message_lists_are_validated_like_short_ones(server, count):
+    # Finding 9: a long list of messages is validated in a worker thread, 256 at a time; its errors name
+    # the same field as FastAPI's, at the right index.
+    url, _ = server
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": "a"} for i in range(count - 1)]
+    last = count - 1
+    for broken, message in [({"content": "x"}, f"messages.{last}.role: Field required"),
+                            ({"role": "user", "content": "x", "bogus": 1},
+                             f"Unrecognized request argument supplied: messages.{last}.bogus")]:
+        reply = httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=60,
+                           json={"model": "tiny", "messages": [*history, broken]})
+        assert reply.status_code == 400 and reply.json()["error"]["message"] == message, reply.text
+        assert reply.json()["error"]["param"] == message.split(": ")[-1 if "bogus" in message else 0]
+    ok = httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=120, json={
+        "model": "tiny", "messages": [*history, {"role": "user", "content": "Hello"}], "truncation": "auto",
+        "max_tokens": 2, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length", ok.text
