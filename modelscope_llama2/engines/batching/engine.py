@@ -33,6 +33,7 @@ Example:
     >>> engine.close()
 """
 
+import contextlib
 import inspect
 import logging
 import threading
@@ -48,6 +49,7 @@ from ..prefix_cache import common_prefix_length
 from ..transformers_engine import check_token_ids
 from .kv import SlotCache, bytes_per_token
 from .sampler import CHECKPOINT_DEFAULTS, ROW_OPTIONS, RowSampling, row_sampling, sample
+from .threads import ThreadChooser
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ class BatchingEngine(Engine):
         self.context_length = max_model_len or getattr(model.config, "max_position_embeddings", CONTEXT_LENGTH)
         self.max_batch_tokens = max_batch_tokens
         self._input_device = _input_device(model)
+        # On a CPU, each kind of step runs on one thread or all, whichever its timings say is faster.
+        self._threads = ThreadChooser(torch.get_num_threads()) if self._input_device.type == "cpu" else None
         self._defaults = _checkpoint_defaults(model)
         forward_params = inspect.signature(model.forward).parameters
         self._cache_key = "cache" if "cache" in forward_params else "past_key_values"
@@ -266,10 +270,16 @@ class BatchingEngine(Engine):
         prefilling = [r for r in self._running if len(r.feed) > 1 and not r.done]
         if prefilling:
             group = self._prefill_group(prefilling)
-            self._forward(group, [min(len(r.feed), self.max_batch_tokens) for r in group])
+            counts = [min(len(r.feed), self.max_batch_tokens) for r in group]
+            with self._threads_for(max(counts) * len(group), decode=False):
+                self._forward(group, counts)
         decoding = [r for r in self._running if len(r.feed) == 1 and not r.done]
         if decoding:
-            self._forward(decoding, [1] * len(decoding))
+            with self._threads_for(len(decoding), decode=True):
+                self._forward(decoding, [1] * len(decoding))
+
+    def _threads_for(self, tokens: int, decode: bool) -> Any:
+        return self._threads.step(tokens, decode) if self._threads is not None else contextlib.nullcontext()
 
     def _prefill_group(self, prefilling: List["_Request"]) -> List["_Request"]:
         """Prompts prefilled in one forward pass: up to ``max_batch_tokens`` padded tokens.
