@@ -247,6 +247,41 @@ def test_an_engine_failure_is_a_500_or_an_error_event_and_counted(tiny_dir):
         assert metric(url, 500) == 2 and metric(url, 200) == 0
 
 
+def test_a_responses_stream_that_fails_midway_ends_with_response_failed(tiny_dir):
+    # The Responses API's stream ends a failure with its own event, `response.failed` (the response, status
+    # "failed", its error), not chat's error body, which the openai SDK raises as an APIError instead.
+    import openai
+    from openai.types.responses import ResponseFailedEvent
+
+    app = build_app(tiny_dir, "tiny", max_running=2)
+    model = app.app.state.backend.engine.model
+    working, calls = model.forward, []
+
+    def failing_after_three_steps(*args, **kwargs):  # a fault inside the real engine's step, mid-answer
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return working(*args, **kwargs)
+
+    with running_server(app) as url:
+        model.forward = failing_after_three_steps
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        events = list(client.responses.create(model="tiny", input="Tell me a long story.", temperature=0,
+                                              max_output_tokens=50, stream=True))
+        kinds = [event.type for event in events]
+        assert kinds[:2] == ["response.created", "response.in_progress"] and "response.output_text.delta" in kinds
+        failed = events[-1]
+        assert isinstance(failed, ResponseFailedEvent) and kinds.count("response.failed") == 1, kinds
+        assert failed.sequence_number == len(events) - 1
+        assert (failed.response.id, failed.response.status) == (events[0].response.id, "failed")
+        assert failed.response.error.code == "server_error"
+        assert failed.response.error.message == "The server failed while generating."
+        assert metric(url, 500) == 1 and metric(url, 200) == 0
+        model.forward = working  # the server goes on serving
+        assert client.responses.create(model="tiny", input="Hi", temperature=0, max_output_tokens=2).status in (
+            "completed", "incomplete")
+
+
 def free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -365,4 +400,24 @@ def test_large_bodies_are_validated_like_small_ones(server, size):
     assert broken.status_code == 400 and broken.json()["error"]["message"] == "The request body is not valid JSON."
     ok = httpx.post(url + "/v1/completions", headers=AUTH, timeout=120, json={
         "model": "tiny", "prompt": text[:2000], "max_tokens": 2, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length", ok.text
+
+
+@pytest.mark.parametrize("count", [3, 3_001])  # FastAPI's own validation, and the one in pieces off the loop
+def test_long_message_lists_are_validated_like_short_ones(server, count):
+    # Finding 9: a long list of messages is validated in a worker thread, 256 at a time; its errors name
+    # the same field as FastAPI's, at the right index.
+    url, _ = server
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": "a"} for i in range(count - 1)]
+    last = count - 1
+    for broken, message in [({"content": "x"}, f"messages.{last}.role: Field required"),
+                            ({"role": "user", "content": "x", "bogus": 1},
+                             f"Unrecognized request argument supplied: messages.{last}.bogus")]:
+        reply = httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=60,
+                           json={"model": "tiny", "messages": [*history, broken]})
+        assert reply.status_code == 400 and reply.json()["error"]["message"] == message, reply.text
+        assert reply.json()["error"]["param"] == message.split(": ")[-1 if "bogus" in message else 0]
+    ok = httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=120, json={
+        "model": "tiny", "messages": [*history, {"role": "user", "content": "Hello"}], "truncation": "auto",
+        "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length", ok.text
