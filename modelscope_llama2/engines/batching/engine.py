@@ -342,8 +342,13 @@ class BatchingEngine(Engine):
         histories = [(self._history[r.slot, :r.length], len(r.prompt.token_ids)) if r.params.needs_history else None
                      for r in requests]
         tokens, logprobs = sample(logits, [r.params for r in requests], histories, [r.count for r in requests])
-        for request, token, logprob in zip(requests, tokens, logprobs):
-            request.take(token, logprob, room=request.length < self.context_length)
+        events = [request.take(token, logprob, room=request.length < self.context_length)
+                  for request, token, logprob in zip(requests, tokens, logprobs)]
+        # Every row's event once the step's tokens are all taken: consumers woken in one burst, not one
+        # wake-up (and GIL hand-over) between each row's bookkeeping.
+        for request, event in zip(requests, events):
+            if event is not None:
+                request.deliver(event)
 
     def _warm_up(self) -> None:
         # The first forward passes pick kernels and touch the weights; pay that before the first client.
@@ -384,31 +389,41 @@ class _Request:
         return TokenEvent(self.prompt.request_id, token_ids, reason, usage, logprobs=logprobs,
                           prompt_logprobs=tuple(scored) if scored is not None else None)
 
-    def take(self, token: int, logprob: Optional[TokenLogprob], room: bool) -> None:
+    def take(self, token: int, logprob: Optional[TokenLogprob], room: bool) -> Optional[TokenEvent]:
+        """Count the sampled ``token``; the event to :meth:`deliver` for it (None when already finished)."""
         with self._lock:
             if self.done:
-                return
+                return None
             if self.prompt.sampling.max_new_tokens == 0:  # scoring the prompt only
-                self.finish("length")
-                return
+                return self.finish("length", deliver=False)
             if token == EOS_ID and not self.params.ignore_eos:
-                self.finish("eos")
-                return
+                return self.finish("eos", deliver=False)
             self.count += 1
             self.feed = [token]
             logprobs = (logprob,) if logprob is not None else ()
             if self.count >= self.prompt.sampling.max_new_tokens or not room:
-                self.finish("length", (token,), logprobs)
-            else:
-                self.on_event(self._event((token,), logprobs=logprobs))
+                return self.finish("length", (token,), logprobs, deliver=False)
+            return self._event((token,), logprobs=logprobs)
 
-    def finish(self, reason: str, token_ids: tuple = (), logprobs: tuple = ()) -> None:
+    def deliver(self, event: TokenEvent) -> None:
+        """Hand ``event`` (from :meth:`take`) to the consumer, unless an abort ended the request since."""
+        with self._lock:
+            if event.finished or not self.done:
+                self.on_event(event)
+
+    def finish(self, reason: str, token_ids: tuple = (), logprobs: tuple = (),
+               deliver: bool = True) -> Optional[TokenEvent]:
+        """End the request (once): its last event, handed to the consumer now or (``deliver=False``) returned."""
         with self._lock:
             if self.done:
-                return
+                return None
             self.done = True
             usage = Usage(len(self.prompt.token_ids), self.count, self.cached)
-            self.on_event(self._event(token_ids, reason, usage, logprobs))
+            event = self._event(token_ids, reason, usage, logprobs)
+            if not deliver:
+                return event
+            self.on_event(event)
+            return None
 
 
 def _checkpoint_defaults(model: Any) -> Dict[str, Any]:
