@@ -63,6 +63,7 @@ def heavy_requests(salt: int = 0) -> Dict[str, Tuple[str, Dict[str, Any], int]]:
 
 def while_running(url: str, path: str, body: Dict[str, Any]) -> Tuple[List[float], int, float]:
     """/health latencies while ``body`` runs, its status and its own time."""
+    content = json.dumps(body, separators=(",", ":"))  # before polling: the poller would wait on this GIL
     stop, polls = threading.Event(), []
     poller = threading.Thread(target=poll_health, args=(url, stop, polls))
     poller.start()
@@ -70,7 +71,7 @@ def while_running(url: str, path: str, body: Dict[str, Any]) -> Tuple[List[float
     started = time.perf_counter()
     try:
         with httpx.stream("POST", url + path, headers={**AUTH, "Content-Type": "application/json"}, timeout=600,
-                          content=json.dumps(body, separators=(",", ":"))) as reply:
+                          content=content) as reply:
             for _ in reply.iter_bytes():
                 pass
     finally:
@@ -126,6 +127,7 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     server = start_server(port)
     results: Dict[str, Tuple[List[float], List[int], List[float]]] = {}
+    load_before = os.getloadavg()[0]
     try:
         while_running(url, *heavy_requests(-1)["long prefill (4,000-token prompt)"][:2])  # warm-up
         baseline = idle(url, 3.0)
@@ -142,7 +144,7 @@ def main() -> int:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
 
-    print(f"load average before/after: {os.getloadavg()[0]:.2f} (1 min)")
+    print(f"load average (1 min) before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     row("idle (baseline)", baseline)
     passed = True
     for name, (polls, statuses, times) in results.items():

@@ -6,6 +6,8 @@ every test is bounded in requests and time.
 
 import asyncio
 import threading
+import time
+from dataclasses import replace
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -54,6 +56,27 @@ def test_a_queued_sampled_request_can_be_aborted_and_close_ends_every_consumer(t
     finally:
         engine.close()
 
+def test_a_refused_request_in_a_batch_leaves_nothing_behind(tiny_dir, tokenizer):
+    # Finding 14: when adding a request failed, what was registered for the request before it leaked.
+    from modelscope_llama2.engines.batching import BatchingEngine
+
+    engine = BatchingEngine(AutoModelForCausalLM.from_pretrained(tiny_dir), max_batch_size=2, max_model_len=4096)
+    try:
+        good = Prompt(tuple(tokenizer.encode("Hello", bos=True)),
+                      SamplingParams(max_new_tokens=4000, options={"do_sample": False}, ignore_eos=True))
+        bad = Prompt((1, 10**6), SamplingParams(max_new_tokens=4))
+        with pytest.raises(ValueError, match="token_ids"):
+            engine.generate([good, bad])
+        deadline = time.monotonic() + 3  # let go before the next step, not after 4,000 tokens
+        while engine.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.running == 0
+        again = list(engine.generate([replace(good, sampling=SamplingParams(max_new_tokens=3, ignore_eos=True))]))
+        assert again[-1].finish_reason == "length" and again[-1].usage.completion_tokens == 3  # its id is free
+    finally:
+        engine.close()
+
+
 # -- against a real server on 127.0.0.1 ------------------------------------------------
 
 import json
@@ -63,7 +86,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 
@@ -111,8 +133,15 @@ def test_long_stop_strings_do_not_freeze_the_server(server):
         stop.set()
         poller.join()
     assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "length"
-    # Loose on a shared CI machine; bench/soak.py measures the p99 on an idle one.
+    # Loose on a shared CI machine; bench/health_latency.py measures the p99.
     assert len(latencies) >= 3 and max(latencies) < 1.0, latencies
+    # At most 4 stop strings, as OpenAI allows; none empty.
+    for stops, message in [(["a", "b", "c", "d", "e"], "stop: at most 4 stop sequences"),
+                           (["a", ""], "stop: stop strings must not be empty")]:
+        refused = httpx.post(url + "/v1/completions", headers=AUTH, timeout=60, json={
+            "model": "tiny", "prompt": "Hello", "stop": stops})
+        assert refused.status_code == 400 and refused.json()["error"] == {
+            "message": message, "type": "invalid_request_error", "param": "stop", "code": None}
 
 
 @pytest.mark.parametrize("path, body, field", [

@@ -159,12 +159,16 @@ class ResponsesHandler(Handler):
         self.builder.check_model(body.model)
         earlier = self._stored(body.previous_response_id, "previous_response_id").conversation \
             if body.previous_response_id else ()
-        conversation = (*earlier, *conversation_of(input_messages(body)))
         system = ({"role": "system", "content": body.instructions},) if body.instructions else ()
-        # Off the event loop: a huge request's prompt takes a while to fit and encode.
-        prompts = await asyncio.to_thread(self.builder.chat, body, [*system, *conversation], body.max_output_tokens,
-                                          truncate=body.truncation == "auto", max_tokens_param="max_output_tokens",
-                                          structured=structured_fields(body))
+
+        def build() -> Tuple[Dialog, List[Prompt]]:  # off the event loop: a huge input takes a while to read and fit
+            conversation = (*earlier, *conversation_of(input_messages(body)))
+            return conversation, self.builder.chat(body, [*system, *conversation], body.max_output_tokens,
+                                                   truncate=body.truncation == "auto",
+                                                   max_tokens_param="max_output_tokens",
+                                                   structured=structured_fields(body))
+
+        conversation, prompts = await asyncio.to_thread(build)
         response_id, item_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
         deltas = self.generation.run(prompts, whole=not body.stream)
         if body.stream:
