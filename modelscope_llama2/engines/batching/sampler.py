@@ -204,8 +204,13 @@ def _kept_candidates(values: torch.Tensor, rows: Sequence[RowSampling]) -> torch
 
 
 def _noise(rows: Sequence[RowSampling], width: int, device: Any) -> torch.Tensor:
-    """Exponential noise, ``width`` per row, each row from its own generator (Gumbel-max: argmax(p / noise))."""
-    return torch.stack([torch.empty(width, device=device).exponential_(generator=row.generator) for row in rows])
+    """Exponential noise, ``width`` per row, each row from its own generator (Gumbel-max: argmax(p / noise)).
+
+    ``-log(u)`` of uniform draws: the same distribution as ``exponential_``,
+    whose CPU kernel costs 4-7x more per call (32,000 draws: 1.25 ms vs 0.3 ms).
+    A draw of exactly 0 gives infinite noise: that token's ``p / noise`` is 0.
+    """
+    return torch.stack([torch.rand(width, device=device, generator=row.generator) for row in rows]).log_().neg_()
 
 
 def _truncate(scores: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
