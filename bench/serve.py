@@ -66,8 +66,8 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(command: List[str], port: int, ready_timeout: float) -> Iterator[str]:
-    """Start ``command`` (a server on ``port``), wait for ``/health``; stop it on exit."""
+def server(command: List[str], port: int, ready_timeout: float) -> Iterator[Tuple[str, int]]:
+    """Start ``command`` (a server on ``port``), wait for ``/health``; its URL and process id; stop it on exit."""
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -85,7 +85,7 @@ def server(command: List[str], port: int, ready_timeout: float) -> Iterator[str]
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{command[0:3]} not ready after {ready_timeout:.0f}s (log: {log.name})")
             time.sleep(0.5)
-        yield url
+        yield url, process.pid
     finally:
         os.killpg(process.pid, signal.SIGTERM)  # the server's own process group, started above
         try:
@@ -179,17 +179,50 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def measure(url: str, model: str, args: argparse.Namespace, mode: str) -> dict:
-    """One round on one server: the requests one at a time, then from ``args.clients`` clients."""
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds used so far by a process and its live descendants, all threads.
+
+    Descendants count: transformers serve generates in a child process it spawns.
+    """
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            stats[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime + stime
+    family = {pid}
+    grew = True  # a child's id is not always above its parent's: repeat until nothing is added
+    while grew:
+        grew = False
+        for child, (parent, _) in stats.items():
+            if parent in family and child not in family:
+                family.add(child)
+                grew = True
+    ticks = sum(stats[p][1] for p in family if p in stats)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def measure(url: str, pid: int, model: str, args: argparse.Namespace, mode: str) -> dict:
+    """One round on one server: the requests one at a time, then from ``args.clients`` clients.
+
+    Also the server's own CPU time per generated token under the concurrent
+    load: what it costs whatever else shares the cores (tokens/s on a shared
+    machine also depend on the other processes' load).
+    """
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.requests)]
     with httpx.Client(headers={"Authorization": f"Bearer {args.api_key}"}, timeout=args.time_limit,
                       limits=httpx.Limits(max_connections=args.clients)) as client:
         sequential, _, tokens_seq, failed_seq, _ = load(client, url, model, questions, args.max_tokens, 1,
                                                         args.time_limit, mode)
+        cpu = cpu_seconds(pid)
         concurrent_rate, ttfts, tokens, failed, answers = load(client, url, model, questions, args.max_tokens,
                                                                args.clients, args.time_limit, mode)
+        cpu = cpu_seconds(pid) - cpu
     return {"sequential": sequential, "concurrent": concurrent_rate, "ttfts": ttfts, "tokens": tokens_seq + tokens,
-            "failed": failed_seq + failed, "answers": answers}
+            "failed": failed_seq + failed, "answers": answers, "cpu_per_token": cpu / max(1, sum(tokens))}
 
 
 def summary(name: str, rounds: List[dict]) -> dict:
@@ -203,6 +236,7 @@ def summary(name: str, rounds: List[dict]) -> dict:
             "TTFT p50 ms": 1000 * statistics.median(ttfts) if ttfts else 0.0,
             "TTFT p95 ms": 1000 * percentile(ttfts, 0.95) if ttfts else 0.0,
             "tokens/answer": statistics.mean(tokens) if tokens else 0.0,
+            "server CPU ms/token": 1000 * statistics.median(r["cpu_per_token"] for r in rounds),
             "failed": sum(r["failed"] for r in rounds)}
 
 
@@ -224,6 +258,8 @@ def prompt_ids_comparison(model_dir: str, url: str, model: str, api_key: str) ->
 
 
 OURS, THEIRS = "modelscope_llama2 serve", "transformers serve --continuous-batching"
+# Kinds with a concurrent/sequential target of 3x (issue 20): fixed-length answers, and sampled requests.
+RATIO_TARGET_MODES = ("fixed", "sampled")
 
 
 def random_checkpoint(directory: str) -> str:
@@ -278,53 +314,67 @@ def main() -> int:
             port = free_port()
             ours = [sys.executable, "-m", "modelscope_llama2", "serve", "--model", model_dir, "--port", str(port),
                     "--api-key", args.api_key, "--served-model-name", "bench"]
-            targets = [(OURS, servers.enter_context(server(ours, port, 300)), "bench")]
+            targets = [(OURS, *servers.enter_context(server(ours, port, 300)), "bench")]
             if not args.skip_transformers:
                 port = free_port()
                 theirs = [os.path.join(os.path.dirname(sys.executable), "transformers"), "serve",
                           "--continuous-batching", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
                           model_dir]
-                targets.append((THEIRS, servers.enter_context(server(theirs, port, 300)), model_dir))
+                targets.append((THEIRS, *servers.enter_context(server(theirs, port, 300)), model_dir))
             with httpx.Client(headers={"Authorization": f"Bearer {args.api_key}"}, timeout=300) as client:
-                for _, url, model in targets:  # warm up (transformers serve's first request is slow)
+                for _, url, _, model in targets:  # warm up (transformers serve's first request is slow)
                     load(client, url, model, QUESTIONS[:2], args.max_tokens, 1, args.time_limit)
             # Rounds alternate between the servers and the modes, so load from elsewhere hits all alike.
             # transformers serve has no ignore_eos: the fixed-length mode runs on this package's server only.
-            runs = [(name, url, model, mode) for mode in modes for name, url, model in targets
+            runs = [(name, url, pid, model, mode) for mode in modes for name, url, pid, model in targets
                     if name == OURS or mode != "fixed"]
-            rounds = {(name, mode): [] for name, _, _, mode in runs}
+            rounds = {(name, mode): [] for name, _, _, _, mode in runs}
             for _ in range(args.rounds):
-                for name, url, model, mode in runs:
-                    rounds[name, mode].append(measure(url, model, args, mode))
+                for name, url, pid, model, mode in runs:
+                    rounds[name, mode].append(measure(url, pid, model, args, mode))
             comparison = prompt_ids_comparison(model_dir, targets[0][1], "bench", args.api_key)
         for mode in modes:
-            names = [name for name, _, _ in targets if (name, mode) in rounds]
+            names = [name for name, _, _, _ in targets if (name, mode) in rounds]
             rows = [summary(name, rounds[name, mode]) for name in names]
             print(f"\n== {label} checkpoint, {mode} ({args.requests} requests, {args.clients} clients, "
                   f"max_tokens {args.max_tokens}, median of {args.rounds} alternating rounds)")
             print_table(rows)
-            ok = rows[0]["ratio"] >= 3
-            verdicts.append(ok)
-            print(f"{'PASS' if ok else 'FAIL'}: concurrent/sequential {rows[0]['ratio']:.2f}x (target >= 3x)")
+            if mode in RATIO_TARGET_MODES:
+                ok = rows[0]["ratio"] >= 3
+                verdicts.append(ok)
+                print(f"{'PASS' if ok else 'FAIL'}: concurrent/sequential {rows[0]['ratio']:.2f}x (target >= 3x; "
+                      f"rounds {per_round(r['concurrent'] / r['sequential'] for r in rounds[OURS, mode])})")
+            else:  # answers ending at EOS at different lengths: how much there is to batch varies
+                print(f"concurrent/sequential {rows[0]['ratio']:.2f}x (no target)")
             if THEIRS in names:
                 # Each round's two servers ran back to back: the median of those per-round ratios.
-                vs = statistics.median(a["concurrent"] / b["concurrent"]
-                                       for a, b in zip(rounds[OURS, mode], rounds[THEIRS, mode]) if b["concurrent"])
+                ratios = [a["concurrent"] / b["concurrent"]
+                          for a, b in zip(rounds[OURS, mode], rounds[THEIRS, mode]) if b["concurrent"]]
+                vs = statistics.median(ratios)
                 ok = vs >= 1.0
                 verdicts.append(ok)
                 print(f"{'PASS' if ok else 'FAIL'}: {args.clients} clients vs transformers serve --continuous-batching"
-                      f" {vs:.2f}x (target >= 1.0x; median of per-round ratios)")
-                print(same_answers(rounds[OURS, mode], rounds[THEIRS, mode]))
+                      f" {vs:.2f}x (target >= 1.0x; median of per-round ratios {per_round(ratios)})")
+                if mode == "greedy":  # sampled answers differ: the two servers draw from different random streams
+                    print(same_answers(rounds[OURS, mode], rounds[THEIRS, mode]))
         print(comparison)
         print(machine_line())
     return 0 if all(verdicts) else 1
 
 
+def per_round(ratios: Iterator[float]) -> str:
+    return ", ".join(f"{r:.2f}" for r in ratios)
+
+
 def same_answers(ours: List[dict], theirs: List[dict]) -> str:
-    """How many answers of the last round are the same text on both servers (same prompt ids, same settings)."""
+    """How many answers of the last round are the same text on both servers (same prompt ids, same settings).
+
+    Compared without surrounding whitespace: transformers serve streams the
+    space token the checkpoint emits before EOS, this server trims it.
+    """
     pairs = list(zip(ours[-1]["answers"], theirs[-1]["answers"]))
-    same = sum(a == b and a != "" for a, b in pairs)
-    return f"same answer text as transformers serve: {same} of {len(pairs)} requests (last round)"
+    same = sum(a.strip() == b.strip() and a != "" for a, b in pairs)
+    return f"same answer text as transformers serve: {same} of {len(pairs)} requests (last round; whitespace-trimmed)"
 
 
 if __name__ == "__main__":
