@@ -8,6 +8,7 @@ while a second client polls ``GET /health`` every 10 ms:
 * 50,000 completion prompts (refused: more choices than the server holds);
 * four 200 KB stop strings (an 800 KB body);
 * a long prefill: a 4,000-token prompt;
+* the same echoed with ``logprobs: 20`` (84,000 token texts to shape);
 * a long stream: 2,000 streamed tokens.
 
 Baseline (same run): ``/health`` polled with no request running. Reports
@@ -55,6 +56,9 @@ def heavy_requests(salt: int = 0) -> Dict[str, Tuple[str, Dict[str, Any], int]]:
         "long prefill (4,000-token prompt)": ("/v1/completions", {
             "model": "demo", "prompt": [1] + [100 + (i * 7 + salt) % 300 for i in range(3_999)], "max_tokens": 4,
             "temperature": 0}, 200),
+        "echo + logprobs 20 of 4,000 tokens": ("/v1/completions", {
+            "model": "demo", "prompt": [1] + [100 + (i * 11 + salt) % 300 for i in range(3_999)], "max_tokens": 1,
+            "temperature": 0, "echo": True, "logprobs": 20}, 200),
         "long stream (2,000 tokens)": ("/v1/completions", {
             "model": "demo", "prompt": "Hello", "max_tokens": 2_000, "temperature": 0, "ignore_eos": True,
             "stream": True}, 200),

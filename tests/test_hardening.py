@@ -77,6 +77,28 @@ def test_a_refused_request_in_a_batch_leaves_nothing_behind(tiny_dir, tokenizer)
         engine.close()
 
 
+def test_a_consumer_that_falls_behind_holds_one_merged_event(tiny_dir, tokenizer):
+    # Finding 14: events queued up a step at a time for a consumer that did not keep up (no backpressure).
+    from modelscope_llama2.engines.batching import BatchingEngine
+    from modelscope_llama2.prompts.prompt import new_request_id
+
+    engine = BatchingEngine(AutoModelForCausalLM.from_pretrained(tiny_dir), max_batch_size=1, max_model_len=512)
+    try:
+        prompt = Prompt(tuple(tokenizer.encode("Hello", bos=True)),
+                        SamplingParams(max_new_tokens=60, options={"do_sample": False}, ignore_eos=True))
+        kept_up = list(engine.generate([prompt]))
+        events = engine.generate([replace(prompt, request_id=new_request_id())])
+        deadline = time.monotonic() + 30
+        while engine.running and time.monotonic() < deadline:  # generated in full while nobody reads
+            time.sleep(0.01)
+        fell_behind = list(events)
+        assert len(kept_up) > 1 and len(fell_behind) == 1
+        assert fell_behind[0].token_ids == tuple(t for e in kept_up for t in e.token_ids)
+        assert (fell_behind[0].finish_reason, fell_behind[0].usage.completion_tokens) == ("length", 60)
+    finally:
+        engine.close()
+
+
 # -- against a real server on 127.0.0.1 ------------------------------------------------
 
 import json

@@ -22,6 +22,7 @@ Example:
 
 import asyncio
 import json
+import time
 from typing import Any, Callable, Dict, List, Optional, Union, get_args, get_origin
 
 from fastapi import Request
@@ -71,6 +72,7 @@ def validated_lists(body: Any, lists: Dict[str, TypeAdapter], chunk: int = CHUNK
             continue
         models: List[Any] = []
         for start in range(0, len(items), chunk):
+            time.sleep(0)  # hand the GIL over: the event loop may be waiting for it (else up to 5 ms each time)
             try:
                 models += adapter.validate_python(items[start:start + chunk])
             except ValidationError as error:

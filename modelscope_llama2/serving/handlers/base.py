@@ -360,8 +360,10 @@ class Handler:
         choices = await self.until_disconnected(request, collect(deltas, len(prompts)))
         if choices is None:
             return self.client_gone()
+        # Off the event loop: logprobs (echoed prompts' too) and long answers take a while to shape.
+        answer = await asyncio.to_thread(lambda: build(response_id, choices).model_dump(exclude_none=True))
         self.metrics.requests.labels(status="200").inc()
-        return build(response_id, choices).model_dump(exclude_none=True)
+        return answer
 
     @staticmethod
     async def until_disconnected(request: Request, work: Any) -> Optional[Any]:
