@@ -1,15 +1,14 @@
-"""response_format and tools over real HTTP, with the official ``openai`` SDK (its ``.parse()`` included).
+"""response_format and tools over real HTTP, with the official ``openai`` SDK (its ``.parse()``, on every
+engine: tests/structured_clients).
 
 The tiny random checkpoint shows that the grammar, not the model, makes the
 output valid; the demo checkpoint shows what a client sees.
 """
 
 import json
-from typing import List
 
 import jsonschema
 import openai
-import pydantic
 import pytest
 
 from modelscope_llama2.constants import DEMO_DIR
@@ -66,18 +65,6 @@ def test_completions_take_response_format(tiny):
         assert isinstance(json.loads(out.choices[0].text), dict)
     else:
         assert out.choices[0].finish_reason == "length"
-
-
-def test_the_sdk_parse_gets_a_pydantic_object(demo):
-    class City(pydantic.BaseModel):
-        city: str = pydantic.Field(max_length=16)
-        sights: List[str] = pydantic.Field(max_length=2)
-
-    out = demo.chat.completions.parse(model="demo", messages=[{"role": "user", "content": "Where is the capital "
-                                                               "of Zhejiang?"}], response_format=City,
-                                      temperature=0, max_tokens=200)
-    assert out.choices[0].finish_reason == "stop"
-    assert isinstance(out.choices[0].message.parsed, City)
 
 
 def test_required_tool_choice_answers_with_a_call(demo):
