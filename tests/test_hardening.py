@@ -107,11 +107,11 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 
 import httpx
 
 from modelscope_llama2.constants import DEMO_DIR
+from modelscope_llama2.serving.process import start_serve
 from modelscope_llama2.serving.server import build_app
 from tests.helpers import running_server
 
@@ -333,31 +333,13 @@ def test_a_responses_stream_that_fails_midway_ends_with_response_failed(tiny_dir
             "completed", "incomplete")
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def serve_process(tiny_dir):
     """``python -m modelscope_llama2 serve`` on the tiny checkpoint, short timeouts and a 2 s drain."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "modelscope_llama2", "serve", "--model", tiny_dir, "--port", str(port),
-         "--header-timeout", "1", "--body-timeout", "1", "--keep-alive", "1", "--drain-timeout", "2",
-         "--max-running", "4", "--served-model-name", "tiny"], env={**os.environ, "PYTHONPATH": os.getcwd()},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
-        time.sleep(0.2)
+    process, port, url = start_serve(
+        ["--model", tiny_dir, "--header-timeout", "1", "--body-timeout", "1", "--keep-alive", "1",
+         "--drain-timeout", "2", "--max-running", "4", "--served-model-name", "tiny"],
+        env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout_s=120, stderr=subprocess.PIPE)
     try:
         yield url, port, process
     finally:
