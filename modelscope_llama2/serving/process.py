@@ -9,7 +9,7 @@ Example (the demo checkpoint)::
     >>> import urllib.request
     >>> urllib.request.urlopen(served.url + "/health").status
     200
-    >>> served.process.terminate(); served.process.wait(60) == 0
+    >>> served.process.kill(); served.process.wait(60) is not None
     True
 """
 
