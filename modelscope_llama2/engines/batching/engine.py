@@ -26,7 +26,7 @@ Example:
     >>> engine = BatchingEngine(AutoModelForCausalLM.from_pretrained(DEMO_DIR), max_batch_size=4)
     >>> greedy = Prompt(token_ids=(1, 3, 4), sampling=SamplingParams(max_new_tokens=3, options={"do_sample": False}))
     >>> seeded = Prompt(token_ids=(1, 3, 4), sampling=SamplingParams(
-    ...     max_new_tokens=3, seed=7, options={"do_sample": True, "temperature": 0.8}))
+    ...     max_new_tokens=3, seed=7, ignore_eos=True, options={"do_sample": True, "temperature": 0.8}))
     >>> finals = [e for e in engine.generate([greedy, seeded]) if e.finished]
     >>> sorted((e.finish_reason, e.usage.prompt_tokens) for e in finals)
     [('length', 3), ('length', 3)]

@@ -9,8 +9,9 @@ the 2-layer demo checkpoint at batch 8 is 2-3x faster on one. A large
 prompt chunk, or a bigger model on idle cores, gains from the whole team.
 Neither is known in advance, so each kind of step (decode or prefill, by
 token count) is timed with both settings and runs with the faster one;
-every :data:`EXPLORE_EVERY`-th step of a kind tries the other again, so a
-change in the machine's load moves the choice.
+the slower one is tried again once :data:`RETRY_SECONDS` have passed since
+its last try (a stalled try can cost a few milliseconds: at most once a
+second it costs under 1%), so a change in the machine's load moves the choice.
 
 ``torch.set_num_threads`` is process-wide: the engine sets the chosen count
 around its own forward pass and puts the previous one back after.
@@ -34,8 +35,8 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 
-# Steps of one kind between two tries of the setting not chosen.
-EXPLORE_EVERY = 32
+# Seconds between two tries of the setting not chosen, per kind of step.
+RETRY_SECONDS = 1.0
 # Weight of the newest timing in a setting's running average.
 SMOOTHING = 0.2
 
@@ -46,24 +47,29 @@ class ThreadChooser:
     def __init__(self, max_threads: int):
         self.max_threads = max_threads
         self._options: Tuple[int, ...] = (1, max_threads) if max_threads > 1 else (max_threads,)
-        self._seconds: Dict[Tuple[bool, int], List[float]] = {}  # kind -> average seconds per option
-        self._steps: Dict[Tuple[bool, int], int] = {}
+        self._seconds: Dict[Tuple[bool, int], List[float]] = {}  # kind -> average step seconds per option
+        self._tried: Dict[Tuple[bool, int], List[float]] = {}  # kind -> when each option last ran (monotonic)
 
     def threads_for(self, kind: Tuple[bool, int]) -> int:
         """Threads the next step of ``kind`` runs with: each untried setting first, then the faster one."""
         seconds = self._seconds.setdefault(kind, [0.0] * len(self._options))
-        step = self._steps[kind] = self._steps.get(kind, 0) + 1
         untried = [i for i, s in enumerate(seconds) if s == 0.0]
         if untried:
             return self._options[untried[0]]
         best = min(range(len(seconds)), key=seconds.__getitem__)
-        return self._options[(best + 1) % len(seconds) if step % EXPLORE_EVERY == 0 else best]
+        other = (best + 1) % len(seconds)
+        retry = time.monotonic() - self._tried[kind][other] >= RETRY_SECONDS
+        return self._options[other if retry else best]
 
     def record(self, kind: Tuple[bool, int], threads: int, seconds: float) -> None:
         """A step of ``kind`` took ``seconds`` on ``threads`` threads."""
         averages = self._seconds.setdefault(kind, [0.0] * len(self._options))
+        tried = self._tried.setdefault(kind, [0.0] * len(self._options))
         i = self._options.index(threads)
-        averages[i] = seconds if averages[i] == 0.0 else (1 - SMOOTHING) * averages[i] + SMOOTHING * seconds
+        # The setting in use is averaged; a retried one starts afresh (its old timings are from another load).
+        in_use = averages[i] != 0.0 and averages[i] == min(a for a in averages if a != 0.0)
+        averages[i] = (1 - SMOOTHING) * averages[i] + SMOOTHING * seconds if in_use else seconds
+        tried[i] = time.monotonic()
 
     @contextlib.contextmanager
     def step(self, tokens: int, decode: bool) -> Iterator[None]:
