@@ -155,8 +155,9 @@ def test_long_stop_strings_do_not_freeze_the_server(server):
         stop.set()
         poller.join()
     assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "length"
-    # Loose on a shared CI machine; bench/health_latency.py measures the p99.
-    assert len(latencies) >= 3 and max(latencies) < 1.0, latencies
+    # The server went on answering (it froze for 56 s); bench/health_latency.py measures the p99, as a bound
+    # here would measure the CI machine's load.
+    assert len(latencies) >= 3 and max(latencies) < 10, latencies
     # At most 4 stop strings, as OpenAI allows; none empty.
     for stops, message in [(["a", "b", "c", "d", "e"], "stop: at most 4 stop sequences"),
                            (["a", ""], "stop: stop strings must not be empty")]:
@@ -276,7 +277,7 @@ def test_huge_requests_name_the_right_field_and_leave_the_loop_free(server):
         stop.set()
         poller.join()
     assert reply.status_code == 200, reply.text
-    assert latencies and max(latencies) < 1.0, latencies
+    assert latencies and max(latencies) < 10, latencies  # answering all along; the p99: bench/health_latency.py
 
 
 def test_an_engine_failure_is_a_500_or_an_error_event_and_counted(tiny_dir):
