@@ -318,9 +318,13 @@ def test_studio_app_defaults_and_stop(browser, tmp_path, tiny_dir):
         tab.set_number("temperature", 0)
         tab.set_number("max-new-tokens", 3000)
         tab.send("Tell me a long story.")
-        tab.wait_for(f"() => ({READ_CHAT})().length === 2 && ({READ_CHAT})()[1][1].length > 20",
-                     "the answer to start")
-        tab.page.click("#stop")
+        # Stop is clicked in the frame that shows the answer streaming. Playwright's own click first waits for
+        # the button to be stable over animation frames, which a page busy rendering the stream on a loaded
+        # machine delayed by seconds: past the answer's end, with nothing left to stop.
+        tab.wait_for(f"""() => {{ const shown = ({READ_CHAT})();
+                                 if (shown.length !== 2 || shown[1][1].length <= 20 || ({NOTE})() !== '') return false;
+                                 document.querySelector('#stop').click(); return true; }}""",
+                     "the answer to start, then a click on Stop")
         # Once stopped the answer stays as it is.
         tab.wait_for(f"""() => {{ const now = JSON.stringify(({READ_CHAT})());
                                  const same = now === window.last; window.last = now; return same; }}""",
