@@ -12,8 +12,8 @@ exactly what the package's chat format built.
 may be called from any number of threads at once, and vLLM batches all their
 requests together. ``submit(prompt, on_event)`` (what the server uses) hands
 each event to a callback on that thread instead: no thread per request, and
-one thread hand-off less per token. Transformers-style sampling settings are mapped to
-vLLM's :class:`vllm.SamplingParams` (:func:`vllm_sampling_params`); those
+one thread hand-off less per token. Transformers-style sampling settings are
+mapped to vLLM's :class:`vllm.SamplingParams` (:func:`vllm_sampling_params`); those
 vLLM lacks are refused by :meth:`~.base.Engine.check_sampling`. Settings a
 request leaves out come from the checkpoint's ``generation_config.json``,
 as transformers' ``generate()`` takes them.
