@@ -4,7 +4,7 @@ Starts ``python -m modelscope_llama2 serve`` on the demo checkpoint (a
 subprocess on a free loopback port), then sends each heavy request alone
 while a second client polls ``GET /health`` every 10 ms:
 
-* 30,001 chat messages with ``truncation: "auto"`` (a 1 MB body);
+* 30,001 chat messages with ``truncation: "auto"`` (a 1 MB body), and the same to ``/tokenize``;
 * 50,000 completion prompts (refused: more choices than the server holds);
 * four 200 KB stop strings (an 800 KB body);
 * a long prefill: a 4,000-token prompt;
@@ -48,6 +48,7 @@ def heavy_requests(salt: int = 0) -> Dict[str, Tuple[str, Dict[str, Any], int]]:
     return {
         "30,001 messages, truncation auto": ("/v1/chat/completions", {
             "model": "demo", "truncation": "auto", "max_tokens": 8, "temperature": 0, "messages": alternating}, 200),
+        "/tokenize of 30,001 messages": ("/tokenize", {"model": "demo", "messages": alternating}, 200),
         "50,000 completion prompts": ("/v1/completions", {
             "model": "demo", "prompt": ["Hello there"] * 50_000, "max_tokens": 2, "temperature": 0}, 400),
         "4 x 200 KB stop strings": ("/v1/completions", {

@@ -23,9 +23,7 @@ import concurrent.futures
 import os
 import random
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -34,16 +32,14 @@ from typing import Callable, Dict, List, Tuple
 import httpx
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from modelscope_llama2.serving.process import start_serve  # noqa: E402
 KEY = "sk-soak"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 QUESTIONS = ["Where is the capital of Zhejiang?", "What are the interesting places there?", "Hello there",
              "What is West Lake?", "Who are you?"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -148,23 +144,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "modelscope_llama2", "serve", "--port", str(port),
-                               "--served-model-name", "demo", "--api-key", KEY, "--max-waiting", "256"],
-                              env={**os.environ, "PYTHONPATH": REPO_ROOT}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server, _, url = start_serve(["--served-model-name", "demo", "--api-key", KEY, "--max-waiting", "256"],
+                                 env={**os.environ, "PYTHONPATH": REPO_ROOT})
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("serve did not start")
-            time.sleep(0.3)
         mixed(url, args.warmup, args.clients, seed=0)  # allocator, caches and threads settle first
         rss_before, files_before = rss_mb(server.pid), open_files(server.pid)
         stop, health = threading.Event(), []

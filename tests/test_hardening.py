@@ -107,11 +107,11 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 
 import httpx
 
 from modelscope_llama2.constants import DEMO_DIR
+from modelscope_llama2.serving.process import start_serve
 from modelscope_llama2.serving.server import build_app
 from tests.helpers import running_server
 
@@ -155,10 +155,11 @@ def test_long_stop_strings_do_not_freeze_the_server(server):
         stop.set()
         poller.join()
     assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "length"
-    # Loose on a shared CI machine; bench/health_latency.py measures the p99.
-    assert len(latencies) >= 3 and max(latencies) < 1.0, latencies
-    # At most 4 stop strings, as OpenAI allows; none empty.
-    for stops, message in [(["a", "b", "c", "d", "e"], "stop: at most 4 stop sequences"),
+    # The server went on answering (it froze for 56 s); bench/health_latency.py measures the p99, as a bound
+    # here would measure the CI machine's load.
+    assert len(latencies) >= 3 and max(latencies) < 10, latencies
+    # At most 16 stop strings; none empty.
+    for stops, message in [(list("abcdefghijklmnopq"), "stop: at most 16 stop sequences"),
                            (["a", ""], "stop: stop strings must not be empty")]:
         refused = httpx.post(url + "/v1/completions", headers=AUTH, timeout=60, json={
             "model": "tiny", "prompt": "Hello", "stop": stops})
@@ -276,7 +277,7 @@ def test_huge_requests_name_the_right_field_and_leave_the_loop_free(server):
         stop.set()
         poller.join()
     assert reply.status_code == 200, reply.text
-    assert latencies and max(latencies) < 1.0, latencies
+    assert latencies and max(latencies) < 10, latencies  # answering all along; the p99: bench/health_latency.py
 
 
 def test_an_engine_failure_is_a_500_or_an_error_event_and_counted(tiny_dir):
@@ -333,31 +334,13 @@ def test_a_responses_stream_that_fails_midway_ends_with_response_failed(tiny_dir
             "completed", "incomplete")
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def serve_process(tiny_dir):
     """``python -m modelscope_llama2 serve`` on the tiny checkpoint, short timeouts and a 2 s drain."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "modelscope_llama2", "serve", "--model", tiny_dir, "--port", str(port),
-         "--header-timeout", "1", "--body-timeout", "1", "--keep-alive", "1", "--drain-timeout", "2",
-         "--max-running", "4", "--served-model-name", "tiny"], env={**os.environ, "PYTHONPATH": os.getcwd()},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
-        time.sleep(0.2)
+    process, port, url = start_serve(
+        ["--model", tiny_dir, "--header-timeout", "1", "--body-timeout", "1", "--keep-alive", "1",
+         "--drain-timeout", "2", "--max-running", "4", "--served-model-name", "tiny"],
+        env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout_s=120, stderr=subprocess.PIPE)
     try:
         yield url, port, process
     finally:

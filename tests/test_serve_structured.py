@@ -96,6 +96,29 @@ def test_streamed_tool_calls_come_in_openai_s_chunk_shape(demo):
         (c.function.name, c.function.arguments) for c in whole.message.tool_calls]
 
 
+@pytest.mark.parametrize("tool_choice", ["required", "auto"])
+def test_streamed_tool_chunks_carry_every_token_s_logprobs(demo, tool_choice):
+    # OpenAI's chunk shape: choices[].logprobs.content, here for every generated token, the tool-call JSON's
+    # too, each once and in order: joined, the chunks' entries are the non-streamed answer's.
+    settings = dict(model="demo", messages=[{"role": "user", "content": "Weather in Hangzhou?"}], tools=[WEATHER],
+                    tool_choice=tool_choice, temperature=0, parallel_tool_calls=False, max_tokens=100,
+                    logprobs=True, top_logprobs=2, extra_body={"return_token_ids": True})
+    whole = demo.chat.completions.create(**settings).choices[0]
+    streamed, ids = [], []
+    for chunk in demo.chat.completions.create(stream=True, **settings):
+        for choice in chunk.choices:
+            streamed += choice.logprobs.content if choice.logprobs else []
+            ids += (choice.model_extra or {}).get("token_ids") or []
+    expected = whole.logprobs.content
+    assert [(e.token, [t.token for t in e.top_logprobs]) for e in streamed] == [
+        (e.token, [t.token for t in e.top_logprobs]) for e in expected]
+    # Equal up to float noise: the second request reuses the first one's cached prefix.
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in expected], abs=1e-4)
+    assert ids == whole.model_extra["token_ids"] and len(ids) == len(expected) > 0
+    # A call, and (auto) the plain-answer branch the demo checkpoint takes, rambling to the limit.
+    assert whole.finish_reason == {"required": "tool_calls", "auto": "length"}[tool_choice]
+
+
 def test_auto_answers_plain_questions_in_text_streamed_as_it_grows(demo):
     settings = dict(model="demo", messages=[{"role": "user", "content": "Where is the capital of Zhejiang?"}],
                     tools=[WEATHER], temperature=0, max_tokens=40)

@@ -141,13 +141,14 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
     async def delete_response(response_id: str) -> Dict[str, Any]:
         return responses.delete(response_id)
 
+    # Off the event loop, as prompt building is: a long dialog or id list takes a while to encode or decode.
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
-        return tokenization.tokenize(body)
+        return await asyncio.to_thread(tokenization.tokenize, body)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
-        return tokenization.detokenize(body)
+        return await asyncio.to_thread(tokenization.detokenize, body)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> TokenizerInfo:
