@@ -140,6 +140,34 @@ def test_a_tool_result_turn_is_answered(demo):
     assert out.choices[0].finish_reason in ("stop", "tool_calls", "length")
 
 
+def test_tools_with_a_response_format_answer_a_call_or_json_in_the_format(tiny):
+    # As OpenAI: with tool_choice "auto" the answer calls a tool or is JSON in the response format.
+    settings = dict(model="tiny", messages=[{"role": "user", "content": "A city, or its weather."}], tools=[WEATHER],
+                    response_format=_schema_format(SCHEMA), max_tokens=96)
+    answered = []
+    for seed in range(6):
+        choice = tiny.chat.completions.create(temperature=1.0, seed=seed, **settings).choices[0]
+        if choice.finish_reason == "tool_calls":
+            assert choice.message.content is None
+            for call in choice.message.tool_calls:
+                jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+        elif choice.finish_reason == "stop":
+            assert choice.message.tool_calls is None
+            jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+        else:
+            assert choice.finish_reason == "length"
+        answered.append(choice.finish_reason)
+    assert set(answered) - {"length"}, answered
+    # Streamed, the same answer: its JSON as it grows, or the calls at the end.
+    whole = tiny.chat.completions.create(temperature=0, **settings).choices[0]
+    chunks = [c.choices[0] for c in tiny.chat.completions.create(temperature=0, stream=True, **settings) if c.choices]
+    content = "".join(c.delta.content or "" for c in chunks)
+    calls = [(t.function.name, t.function.arguments) for c in chunks for t in c.delta.tool_calls or []]
+    assert (content or None, calls or None, chunks[-1].finish_reason) == (
+        whole.message.content, [(t.function.name, t.function.arguments) for t in whole.message.tool_calls or []]
+        or None, whole.finish_reason)
+
+
 def _error(call):
     with pytest.raises(openai.BadRequestError) as raised:
         call()
