@@ -16,6 +16,12 @@ prompts match turn for turn), greedy, 24 new tokens per turn.
   is asked for one new token: its first-token time does not depend on how
   many follow, and the histories come from the package's 24-token answers.
 
+* Batching engine (the server's): the package's prompt ids for the turn,
+  through a :class:`~modelscope_llama2.engines.batching.BatchingEngine` on the
+  same weights (a fresh engine per pass, so turn 0 prefills from scratch);
+  the clock stops at its first token event. Its earlier turns' KV stays in
+  its slot, so a later turn prefills only the new question.
+
 Each figure is the best (minimum) of ``--repeats`` passes over the whole
 conversation, the sides interleaved turn by turn; medians are shown too.
 The minimum is the figure least distorted by other processes sharing the
@@ -23,7 +29,8 @@ cores (single events of 0.1-2 s are easily preempted; on a shared 2-core
 machine the medians of either side swing by 2-4x between runs).
 
 Targets (issue 5): the package's last three turns within 1.5x of its first
-three, and its turn 8 (8 rounds of history) at most 0.25x of the built-in's.
+three, and its turn 8 (8 rounds of history) at most 0.25x of the built-in's;
+(issue 20) the batching engine's turn 8 within 1.5x of its turn 0.
 
 Run: ``python bench/multiturn.py`` (about 2 minutes on 2 idle cores; the first
 run also builds the checkpoint, about a minute).
@@ -75,10 +82,35 @@ def prompt_sizes(package_tokenizer, builtin_tokenizer, text: str, history: Histo
     return len(ours), theirs.shape[1]
 
 
+def turn_ids(tokenizer, text: str, history: History) -> Tuple[int, ...]:
+    """The package's (Meta-exact) prompt ids of a turn."""
+    from modelscope_llama2.prompts.chat_format import dialog_from_history, encode_dialog
+
+    sp = tokenizer.sp_model
+    return tuple(encode_dialog(dialog_from_history(text, history, SYSTEM), sp.encode, sp.bos_id(), sp.eos_id()))
+
+
+def batching_turn(engine, ids: Tuple[int, ...]) -> Tuple[float, int]:
+    """Seconds from submitting the turn to the batching engine to its first token, and its cached prompt tokens."""
+    from modelscope_llama2.prompts.prompt import Prompt, SamplingParams
+
+    prompt = Prompt(ids, SamplingParams(max_new_tokens=NEW_TOKENS, options={"do_sample": False}))
+    start, first, cached = time.perf_counter(), None, 0
+    for event in engine.generate([prompt]):
+        if first is None and event.token_ids:
+            first = time.perf_counter() - start
+        if event.finished:
+            cached = event.usage.cached_tokens
+    return first if first is not None else time.perf_counter() - start, cached
+
+
 def conversation(package, builtin, questions: Sequence[str]) -> List[Dict]:
-    """One pass over the conversation, both sides per turn (interleaved, so drift hits both alike)."""
+    """One pass over the conversation, every side per turn (interleaved, so drift hits all alike)."""
+    from modelscope_llama2.engines.batching import BatchingEngine
+
     model, tokenizer = package
     model.prompt_cache.clear()
+    engine = BatchingEngine(model, max_batch_size=1, max_model_len=2048)
     history: History = []
     turns = []
     for text in questions:
@@ -86,10 +118,13 @@ def conversation(package, builtin, questions: Sequence[str]) -> List[Dict]:
         prompt, builtin_prompt = prompt_sizes(tokenizer, builtin[1], text, history)
         pkg_first, pkg_text, next_history = package_turn(model, tokenizer, text, history)
         reused = model.prompt_cache.stats.reused_tokens - reused_before
+        batching, cached = batching_turn(engine, turn_ids(tokenizer, text, history))
         turns.append({"prompt": prompt, "builtin_prompt": builtin_prompt, "prefill": prompt - reused,
                       "package": pkg_first, "package_text": pkg_text,
-                      "builtin": builtin_turn(*builtin, text, history)})
+                      "builtin": builtin_turn(*builtin, text, history), "batching": batching,
+                      "batching_prefill": prompt - cached})
         history = next_history
+    engine.close()
     return turns
 
 
@@ -106,7 +141,7 @@ def main() -> int:
     builtin_turn(*builtin, "Hello, who are you?", [])
 
     runs = [conversation(package, builtin, QUESTIONS) for _ in range(args.repeats)]
-    rows, pkg, ref = [], [], []
+    rows, pkg, ref, batching = [], [], [], []
     for turn in range(len(QUESTIONS)):
         first = runs[0][turn]
         pkg_times = [run[turn]["package"] for run in runs]
@@ -114,16 +149,22 @@ def main() -> int:
         pkg.append(min(pkg_times))
         ref.append(min(ref_times))
         text_times = [run[turn]["package_text"] for run in runs]
+        batching_times = [run[turn]["batching"] for run in runs]
+        batching.append(min(batching_times))
         rows.append([turn, first["prompt"], first["prefill"], first["builtin_prompt"], _ms(pkg_times),
-                     _ms(text_times), _ms(ref_times), pkg[-1] / ref[-1]])
+                     _ms(text_times), _ms(ref_times), pkg[-1] / ref[-1], first["batching_prefill"],
+                     _ms(batching_times)])
     print(f"\nmultiturn: time to first token, ms as best / median of {args.repeats}, 166M fp32, greedy, "
           f"{NEW_TOKENS} new tokens per turn")
     print(table(["turn (= history rounds)", "pkg prompt", "pkg prefilled", "builtin prompt", "package ms",
-                 "pkg 1st text ms", "builtin ms", "package/builtin (best)"], rows))
+                 "pkg 1st text ms", "builtin ms", "package/builtin (best)", "batching prefilled",
+                 "batching ms"], rows))
     growth = (sum(pkg[-3:]) / 3) / (sum(pkg[:3]) / 3)
     print(f"\nbest times: builtin turn 8 / turn 0: {ref[-1] / ref[0]:.2f}x; "
           f"package turn 8 / turn 0: {pkg[-1] / pkg[0]:.2f}x")
-    ok = verdict("package last-3 / first-3 turns' first-token time", growth, "<= 1.5", growth <= 1.5)
+    ok = verdict("batching engine turn 8 / turn 0 first-token time", batching[-1] / batching[0], "<= 1.5",
+                 batching[-1] / batching[0] <= 1.5)
+    ok &= verdict("package last-3 / first-3 turns' first-token time", growth, "<= 1.5", growth <= 1.5)
     ok &= verdict("package / builtin first-token time at turn 8", pkg[-1] / ref[-1], "<= 0.25",
                   pkg[-1] / ref[-1] <= 0.25)
     return 0 if ok else 1

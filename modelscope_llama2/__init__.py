@@ -16,6 +16,8 @@ Example (the offline demo checkpoint; a ModelScope model id such as
 """
 
 import importlib
+import os
+import re
 import sys
 
 # Public name -> the module that defines it, imported on first use (PEP 562).
@@ -52,12 +54,20 @@ def __getattr__(name: str):
     return value
 
 
+# The console script setup.py installs (`modelscope-llama2 = modelscope_llama2.cli:main`).
+_CONSOLE_SCRIPT = "modelscope-llama2"
+
+
 def _imported_to_run_the_cli() -> bool:
-    # `python -m modelscope_llama2 ...` imports this package before its __main__, while sys.argv[0] is
-    # still "-m" (Python's documented behaviour while it locates the module). The CLI registers with
-    # ModelScope itself once a command needs a model, so that --help and a bad flag answer without
-    # importing torch and ModelScope (seconds).
-    return sys.argv[:1] == ["-m"]
+    # The CLI registers with ModelScope itself once a command needs a model, so that --help and a bad flag
+    # answer without importing torch and ModelScope (seconds). Both ways in import this package first:
+    # `python -m modelscope_llama2 ...` while sys.argv[0] is still "-m" (Python's documented behaviour while
+    # it locates the module), and the console script, whose sys.argv[0] is its own path (".exe" and
+    # "-script.py" are its Windows launcher's names).
+    if sys.argv[:1] == ["-m"]:
+        return True
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return re.sub(r"(-script\.pyw?|\.exe)$", "", script) == _CONSOLE_SCRIPT
 
 
 if not _imported_to_run_the_cli():

@@ -76,9 +76,12 @@ def test_seeded_request_gives_the_same_tokens_alone_and_in_a_batch_of_8(engine, 
                       SamplingParams(max_new_tokens=32, seed=seed, options=SAMPLED, ignore_eos=True))
 
     alone, _, _ = run(engine, [seeded(11)])
+    # The other rows: every kind of setting the sampler handles in the same step (penalties, min-p, logprobs).
+    settings = [GREEDY, SAMPLED, {**SAMPLED, "repetition_penalty": 1.3}, {**GREEDY, "frequency_penalty": 0.5},
+                {"do_sample": True, "temperature": 1.2, "min_p": 0.05}, {**SAMPLED, "presence_penalty": 0.4}, GREEDY]
     others = [Prompt(encode(tokenizer, t), SamplingParams(max_new_tokens=40, seed=None if i % 2 else i,
-                                                          options=GREEDY if i % 3 == 0 else SAMPLED))
-              for i, t in enumerate(TEXTS[:7])]
+                                                          options=options, logprobs=2 if i % 2 else None))
+              for i, (t, options) in enumerate(zip(TEXTS[:7], settings))]
     target = seeded(11)
     batched, _, _ = run(engine, [*others[:3], target, *others[3:]])
     assert list(alone.values())[0] == batched[target.request_id]

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
@@ -32,11 +33,14 @@ def without(tmp_path_factory):
     site = tmp_path_factory.mktemp("site")
     (site / "sitecustomize.py").write_text(BLOCKER)
 
-    def run(blocked, *args, timeout=120):
-        # The package comes from the working directory (python -m), the blocker from PYTHONPATH.
-        env = {**os.environ, "PYTHONPATH": str(site), "BLOCKED_MODULES": ",".join(blocked)}
-        return subprocess.run([sys.executable, "-m", "modelscope_llama2", *args], cwd=REPO_ROOT, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+    def run(blocked, *args, timeout=120, script=None):
+        # The package comes from the working directory (python -m; a script's own dir comes first on its
+        # sys.path, so PYTHONPATH names this checkout too), the blocker from PYTHONPATH.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), REPO_ROOT]),
+               "BLOCKED_MODULES": ",".join(blocked)}
+        command = [script] if script else [sys.executable, "-m", "modelscope_llama2"]
+        return subprocess.run([*command, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
 
     return run
 
@@ -53,6 +57,18 @@ def test_help_needs_no_optional_stack_nor_torch(without, args):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: python -m modelscope_llama2") and done.stderr == ""
     assert "``" not in done.stdout  # plain text, not reStructuredText
+
+
+@pytest.mark.parametrize("args, status", [(["--help"], 0), (["serve", "--help"], 0), (["--bogus"], 2),
+                                          (["serve", "--port", "x"], 2)])
+def test_the_installed_console_script_needs_no_torch_for_help_and_flag_errors(without, args, status):
+    # The `modelscope-llama2` script pip installs from setup.py's entry point, run as a shell runs it.
+    script = os.path.join(sysconfig.get_path("scripts"), "modelscope-llama2")
+    assert os.access(script, os.X_OK), f"{script} is not installed: pip install -e ."
+    done = without(HEAVY, *args, script=script, timeout=60)
+    assert done.returncode == status, done.stderr
+    assert (done.stdout if status == 0 else done.stderr).startswith("usage: python -m modelscope_llama2")
+    assert "halted" not in done.stderr  # no import of a blocked module was tried
 
 
 @pytest.mark.parametrize("command, extra, missing", [

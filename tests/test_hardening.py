@@ -6,6 +6,8 @@ every test is bounded in requests and time.
 
 import asyncio
 import threading
+import time
+from dataclasses import replace
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -54,6 +56,49 @@ def test_a_queued_sampled_request_can_be_aborted_and_close_ends_every_consumer(t
     finally:
         engine.close()
 
+def test_a_refused_request_in_a_batch_leaves_nothing_behind(tiny_dir, tokenizer):
+    # Finding 14: when adding a request failed, what was registered for the request before it leaked.
+    from modelscope_llama2.engines.batching import BatchingEngine
+
+    engine = BatchingEngine(AutoModelForCausalLM.from_pretrained(tiny_dir), max_batch_size=2, max_model_len=4096)
+    try:
+        good = Prompt(tuple(tokenizer.encode("Hello", bos=True)),
+                      SamplingParams(max_new_tokens=4000, options={"do_sample": False}, ignore_eos=True))
+        bad = Prompt((1, 10**6), SamplingParams(max_new_tokens=4))
+        with pytest.raises(ValueError, match="token_ids"):
+            engine.generate([good, bad])
+        deadline = time.monotonic() + 3  # let go before the next step, not after 4,000 tokens
+        while engine.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.running == 0
+        again = list(engine.generate([replace(good, sampling=SamplingParams(max_new_tokens=3, ignore_eos=True))]))
+        assert again[-1].finish_reason == "length" and again[-1].usage.completion_tokens == 3  # its id is free
+    finally:
+        engine.close()
+
+
+def test_a_consumer_that_falls_behind_holds_one_merged_event(tiny_dir, tokenizer):
+    # Finding 14: events queued up a step at a time for a consumer that did not keep up (no backpressure).
+    from modelscope_llama2.engines.batching import BatchingEngine
+    from modelscope_llama2.prompts.prompt import new_request_id
+
+    engine = BatchingEngine(AutoModelForCausalLM.from_pretrained(tiny_dir), max_batch_size=1, max_model_len=512)
+    try:
+        prompt = Prompt(tuple(tokenizer.encode("Hello", bos=True)),
+                        SamplingParams(max_new_tokens=60, options={"do_sample": False}, ignore_eos=True))
+        kept_up = list(engine.generate([prompt]))
+        events = engine.generate([replace(prompt, request_id=new_request_id())])
+        deadline = time.monotonic() + 30
+        while engine.running and time.monotonic() < deadline:  # generated in full while nobody reads
+            time.sleep(0.01)
+        fell_behind = list(events)
+        assert len(kept_up) > 1 and len(fell_behind) == 1
+        assert fell_behind[0].token_ids == tuple(t for e in kept_up for t in e.token_ids)
+        assert (fell_behind[0].finish_reason, fell_behind[0].usage.completion_tokens) == ("length", 60)
+    finally:
+        engine.close()
+
+
 # -- against a real server on 127.0.0.1 ------------------------------------------------
 
 import json
@@ -62,12 +107,11 @@ import re
 import signal
 import socket
 import subprocess
-import sys
-import time
 
 import httpx
 
 from modelscope_llama2.constants import DEMO_DIR
+from modelscope_llama2.serving.process import start_serve
 from modelscope_llama2.serving.server import build_app
 from tests.helpers import running_server
 
@@ -111,8 +155,16 @@ def test_long_stop_strings_do_not_freeze_the_server(server):
         stop.set()
         poller.join()
     assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "length"
-    # Loose on a shared CI machine; bench/soak.py measures the p99 on an idle one.
-    assert len(latencies) >= 3 and max(latencies) < 1.0, latencies
+    # The server went on answering (it froze for 56 s); bench/health_latency.py measures the p99, as a bound
+    # here would measure the CI machine's load.
+    assert len(latencies) >= 3 and max(latencies) < 10, latencies
+    # At most 16 stop strings; none empty.
+    for stops, message in [(list("abcdefghijklmnopq"), "stop: at most 16 stop sequences"),
+                           (["a", ""], "stop: stop strings must not be empty")]:
+        refused = httpx.post(url + "/v1/completions", headers=AUTH, timeout=60, json={
+            "model": "tiny", "prompt": "Hello", "stop": stops})
+        assert refused.status_code == 400 and refused.json()["error"] == {
+            "message": message, "type": "invalid_request_error", "param": "stop", "code": None}
 
 
 @pytest.mark.parametrize("path, body, field", [
@@ -225,7 +277,7 @@ def test_huge_requests_name_the_right_field_and_leave_the_loop_free(server):
         stop.set()
         poller.join()
     assert reply.status_code == 200, reply.text
-    assert latencies and max(latencies) < 1.0, latencies
+    assert latencies and max(latencies) < 10, latencies  # answering all along; the p99: bench/health_latency.py
 
 
 def test_an_engine_failure_is_a_500_or_an_error_event_and_counted(tiny_dir):
@@ -247,31 +299,48 @@ def test_an_engine_failure_is_a_500_or_an_error_event_and_counted(tiny_dir):
         assert metric(url, 500) == 2 and metric(url, 200) == 0
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def test_a_responses_stream_that_fails_midway_ends_with_response_failed(tiny_dir):
+    # The Responses API's stream ends a failure with its own event, `response.failed` (the response, status
+    # "failed", its error), not chat's error body, which the openai SDK raises as an APIError instead.
+    import openai
+    from openai.types.responses import ResponseFailedEvent
+
+    app = build_app(tiny_dir, "tiny", max_running=2)
+    model = app.app.state.backend.engine.model
+    working, calls = model.forward, []
+
+    def failing_after_three_steps(*args, **kwargs):  # a fault inside the real engine's step, mid-answer
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return working(*args, **kwargs)
+
+    with running_server(app) as url:
+        model.forward = failing_after_three_steps
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        events = list(client.responses.create(model="tiny", input="Tell me a long story.", temperature=0,
+                                              max_output_tokens=50, stream=True))
+        kinds = [event.type for event in events]
+        assert kinds[:2] == ["response.created", "response.in_progress"] and "response.output_text.delta" in kinds
+        failed = events[-1]
+        assert isinstance(failed, ResponseFailedEvent) and kinds.count("response.failed") == 1, kinds
+        assert failed.sequence_number == len(events) - 1
+        assert (failed.response.id, failed.response.status) == (events[0].response.id, "failed")
+        assert failed.response.error.code == "server_error"
+        assert failed.response.error.message == "The server failed while generating."
+        assert metric(url, 500) == 1 and metric(url, 200) == 0
+        model.forward = working  # the server goes on serving
+        assert client.responses.create(model="tiny", input="Hi", temperature=0, max_output_tokens=2).status in (
+            "completed", "incomplete")
 
 
 @pytest.fixture
 def serve_process(tiny_dir):
     """``python -m modelscope_llama2 serve`` on the tiny checkpoint, short timeouts and a 2 s drain."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "modelscope_llama2", "serve", "--model", tiny_dir, "--port", str(port),
-         "--header-timeout", "1", "--body-timeout", "1", "--keep-alive", "1", "--drain-timeout", "2",
-         "--max-running", "4", "--served-model-name", "tiny"], env={**os.environ, "PYTHONPATH": os.getcwd()},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
-        time.sleep(0.2)
+    process, port, url = start_serve(
+        ["--model", tiny_dir, "--header-timeout", "1", "--body-timeout", "1", "--keep-alive", "1",
+         "--drain-timeout", "2", "--max-running", "4", "--served-model-name", "tiny"],
+        env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout_s=120, stderr=subprocess.PIPE)
     try:
         yield url, port, process
     finally:
@@ -365,4 +434,24 @@ def test_large_bodies_are_validated_like_small_ones(server, size):
     assert broken.status_code == 400 and broken.json()["error"]["message"] == "The request body is not valid JSON."
     ok = httpx.post(url + "/v1/completions", headers=AUTH, timeout=120, json={
         "model": "tiny", "prompt": text[:2000], "max_tokens": 2, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length", ok.text
+
+
+@pytest.mark.parametrize("count", [3, 3_001])  # FastAPI's own validation, and the one in pieces off the loop
+def test_long_message_lists_are_validated_like_short_ones(server, count):
+    # Finding 9: a long list of messages is validated in a worker thread, 256 at a time; its errors name
+    # the same field as FastAPI's, at the right index.
+    url, _ = server
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": "a"} for i in range(count - 1)]
+    last = count - 1
+    for broken, message in [({"content": "x"}, f"messages.{last}.role: Field required"),
+                            ({"role": "user", "content": "x", "bogus": 1},
+                             f"Unrecognized request argument supplied: messages.{last}.bogus")]:
+        reply = httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=60,
+                           json={"model": "tiny", "messages": [*history, broken]})
+        assert reply.status_code == 400 and reply.json()["error"]["message"] == message, reply.text
+        assert reply.json()["error"]["param"] == message.split(": ")[-1 if "bogus" in message else 0]
+    ok = httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=120, json={
+        "model": "tiny", "messages": [*history, {"role": "user", "content": "Hello"}], "truncation": "auto",
+        "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length", ok.text

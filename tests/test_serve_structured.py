@@ -96,6 +96,29 @@ def test_streamed_tool_calls_come_in_openai_s_chunk_shape(demo):
         (c.function.name, c.function.arguments) for c in whole.message.tool_calls]
 
 
+@pytest.mark.parametrize("tool_choice", ["required", "auto"])
+def test_streamed_tool_chunks_carry_every_token_s_logprobs(demo, tool_choice):
+    # OpenAI's chunk shape: choices[].logprobs.content, here for every generated token, the tool-call JSON's
+    # too, each once and in order: joined, the chunks' entries are the non-streamed answer's.
+    settings = dict(model="demo", messages=[{"role": "user", "content": "Weather in Hangzhou?"}], tools=[WEATHER],
+                    tool_choice=tool_choice, temperature=0, parallel_tool_calls=False, max_tokens=100,
+                    logprobs=True, top_logprobs=2, extra_body={"return_token_ids": True})
+    whole = demo.chat.completions.create(**settings).choices[0]
+    streamed, ids = [], []
+    for chunk in demo.chat.completions.create(stream=True, **settings):
+        for choice in chunk.choices:
+            streamed += choice.logprobs.content if choice.logprobs else []
+            ids += (choice.model_extra or {}).get("token_ids") or []
+    expected = whole.logprobs.content
+    assert [(e.token, [t.token for t in e.top_logprobs]) for e in streamed] == [
+        (e.token, [t.token for t in e.top_logprobs]) for e in expected]
+    # Equal up to float noise: the second request reuses the first one's cached prefix.
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in expected], abs=1e-4)
+    assert ids == whole.model_extra["token_ids"] and len(ids) == len(expected) > 0
+    # A call, and (auto) the plain-answer branch the demo checkpoint takes, rambling to the limit.
+    assert whole.finish_reason == {"required": "tool_calls", "auto": "length"}[tool_choice]
+
+
 def test_auto_answers_plain_questions_in_text_streamed_as_it_grows(demo):
     settings = dict(model="demo", messages=[{"role": "user", "content": "Where is the capital of Zhejiang?"}],
                     tools=[WEATHER], temperature=0, max_tokens=40)
@@ -115,6 +138,34 @@ def test_a_tool_result_turn_is_answered(demo):
                 {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 25 C."}]
     out = demo.chat.completions.create(model="demo", messages=messages, tools=[WEATHER], temperature=0, max_tokens=200)
     assert out.choices[0].finish_reason in ("stop", "tool_calls", "length")
+
+
+def test_tools_with_a_response_format_answer_a_call_or_json_in_the_format(tiny):
+    # As OpenAI: with tool_choice "auto" the answer calls a tool or is JSON in the response format.
+    settings = dict(model="tiny", messages=[{"role": "user", "content": "A city, or its weather."}], tools=[WEATHER],
+                    response_format=_schema_format(SCHEMA), max_tokens=96)
+    answered = []
+    for seed in range(6):
+        choice = tiny.chat.completions.create(temperature=1.0, seed=seed, **settings).choices[0]
+        if choice.finish_reason == "tool_calls":
+            assert choice.message.content is None
+            for call in choice.message.tool_calls:
+                jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+        elif choice.finish_reason == "stop":
+            assert choice.message.tool_calls is None
+            jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+        else:
+            assert choice.finish_reason == "length"
+        answered.append(choice.finish_reason)
+    assert set(answered) - {"length"}, answered
+    # Streamed, the same answer: its JSON as it grows, or the calls at the end.
+    whole = tiny.chat.completions.create(temperature=0, **settings).choices[0]
+    chunks = [c.choices[0] for c in tiny.chat.completions.create(temperature=0, stream=True, **settings) if c.choices]
+    content = "".join(c.delta.content or "" for c in chunks)
+    calls = [(t.function.name, t.function.arguments) for c in chunks for t in c.delta.tool_calls or []]
+    assert (content or None, calls or None, chunks[-1].finish_reason) == (
+        whole.message.content, [(t.function.name, t.function.arguments) for t in whole.message.tool_calls or []]
+        or None, whole.finish_reason)
 
 
 def _error(call):

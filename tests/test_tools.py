@@ -5,7 +5,8 @@ import json
 import jsonschema
 import pytest
 
-from modelscope_llama2.prompts.tools import ToolOutputStream, output_schema, parse_tools
+from modelscope_llama2.prompts.prompt import StructuredOutput
+from modelscope_llama2.prompts.tools import ToolOutputStream, output_schema, parse_tool_output, parse_tools
 from tests.helpers import meta_chat_tokens
 
 WEATHER = {"type": "function", "function": {
@@ -106,12 +107,61 @@ def test_auto_lets_the_model_answer_in_plain_text(tiny_model, tokenizer):
                                                                                "patternProperties": {}}}}]},
      "inputs.tools[0].function.parameters: JSON-schema keyword(s) not supported for constrained decoding: "
      "/patternProperties"),
-    ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "inputs['response_format']"),
 ])
 def test_bad_tools_are_refused_by_name(tiny_model, tokenizer, inputs, message):
     with pytest.raises((TypeError, ValueError)) as error:
         tiny_model.chat({"text": "Hi", **inputs}, tokenizer)
     assert message in str(error.value)
+
+
+CITY = {"type": "object", "properties": {"city": {"$ref": "#/$defs/Name"}, "rank": {"type": "integer", "minimum": 1,
+                                                                                   "maximum": 9}},
+        "required": ["city", "rank"], "$defs": {"Name": {"type": "string", "maxLength": 10}}}
+
+
+def test_auto_with_a_response_format_answers_a_call_or_json_in_the_format(tiny_model, tokenizer):
+    # OpenAI takes both: the answer calls a tool, or is JSON in the response format (its $defs kept working).
+    response_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}}
+    prompt = tiny_model.prepare_chat({"text": "A city?", "tools": [WEATHER], "response_format": response_format},
+                                     tokenizer)
+    assert prompt.tools.response.kind == "json_schema"
+    assert json.loads(prompt.sampling.structured.spec) == {**output_schema(prompt.tools), "$defs": CITY["$defs"]}
+    expected = meta_chat_tokens(tokenizer.sp_model, [
+        {"role": "system", "content": TOOLS_SYSTEM.split("\n")[0] + "\n" + TOOLS_SYSTEM.split("\n")[1] + "\n\n"
+         + 'To call tools, answer with a JSON object {"tool_calls":[{"name":<tool name>,"arguments":<its arguments>}]}'
+         '; otherwise answer with {"response":<your answer, as JSON in the format asked>}.'},
+        {"role": "user", "content": "A city?"}])
+    assert list(prompt.token_ids) == expected
+    outs = [tiny_model.chat({"text": "A city?", "tools": [WEATHER], "response_format": response_format,
+                             "do_sample": True, "temperature": 1.2, "seed": seed, "max_new_tokens": 60}, tokenizer)
+            for seed in range(8)]
+    finished = [out for out in outs if out["finish_reason"] != "length"]
+    assert finished
+    for out in finished:
+        if out["tool_calls"]:
+            assert out["finish_reason"] == "tool_calls"
+            for call in out["tool_calls"]:
+                jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER["function"]["parameters"])
+        else:
+            assert out["finish_reason"] == "eos"
+            jsonschema.validate(json.loads(out["response"]), CITY)
+    # A response_format with tool_choice "none" is the format alone; "required" a call alone.
+    alone = tiny_model.prepare_chat({"text": "A city?", "tools": [WEATHER], "tool_choice": "none",
+                                     "response_format": response_format}, tokenizer)
+    assert alone.tools is None and json.loads(alone.sampling.structured.spec) == CITY
+
+
+def test_the_stream_of_an_answer_in_a_response_format_is_its_json():
+    spec = parse_tools([WEATHER])
+    spec = type(spec)(spec.tools, spec.mode, spec.name, spec.parallel,
+                      response=StructuredOutput("json_schema", json.dumps(CITY)))
+    stream = ToolOutputStream(spec)
+    pieces = ['{"resp', 'onse":{"ci', 'ty":"Pa', 'ris","rank":1}', '}']
+    # Each piece's JSON shows but its last character, which may be the wrapper's closing brace.
+    assert [stream.feed(p) for p in pieces] == ["", '{"c', 'ity":"P', 'aris","rank":1', "}"]
+    assert stream.finish() == ("", ())
+    assert parse_tool_output("".join(pieces), spec) == ('{"city":"Paris","rank":1}', ())
+    assert parse_tool_output('{"response":{"city":"Pa', spec) == ('{"city":"Pa', ())  # cut by the limit
 
 
 def test_the_stream_shows_a_plain_answer_as_it_grows_and_calls_at_the_end():

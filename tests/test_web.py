@@ -154,6 +154,31 @@ def test_stopping_keeps_the_shown_answer_and_frees_the_model(tiny_dir):
                                        "cached), 5 generated"]
 
 
+def test_a_stop_signal_ends_the_answer_where_it_is_shown(tiny_dir):
+    import modelscope_llama2  # noqa: F401
+    from modelscope import Model
+
+    from modelscope_llama2 import Llama2Tokenizer
+
+    backend = LocalBackend(Model.from_pretrained(tiny_dir, device="cpu"), Llama2Tokenizer.from_pretrained(tiny_dir))
+    signals = web.StopSignals()
+    with signals.answering("tab") as stop:
+        updates = respond(backend, Conversation(), "Tell me a long story.", None, Settings(max_new_tokens=3000), stop)
+        shown = next(update for update in updates if update.conversation.rounds and
+                     len(update.conversation.rounds[-1][1]) > 20)
+        assert signals.stop("tab")  # what the tab's Stop button does
+        # The event ends as a finished one, on what it showed: no later text, no note.
+        assert list(updates) == []
+    assert not [t for t in threading.enumerate() if t.name == "modelscope-llama2-generate"]
+    assert not signals.stop("tab")
+    # Stopped before the first token: the unanswered message goes.
+    with signals.answering("tab") as stop:
+        updates = respond(backend, Conversation(shown.conversation.rounds), "Hi", None, Settings(3000), stop)
+        assert next(updates).conversation.pending == "Hi"
+        stop.set()
+        assert [update.conversation for update in updates] == [shown.conversation]
+
+
 def test_the_chat_shows_the_text_the_prompt_holds():
     # Gradio's Chatbot would turn a plain str's tabs to spaces and drop its indentation: the page then
     # showed other text than the next prompt held. Through the real component, what comes back is exact.

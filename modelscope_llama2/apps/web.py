@@ -25,9 +25,11 @@ The conversation logic (:class:`Conversation`, :func:`respond`, :func:`rewind`,
 
 import logging
 import os
-from contextlib import closing
+import threading
+import time
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Tuple
 
 from ..constants import API_KEY_ENV, CONTEXT_LENGTH
 from ..engines.base import Usage
@@ -42,6 +44,11 @@ Round = Tuple[str, str]
 DEFAULT_MAX_NEW_TOKENS = 1024
 # The server batches requests itself; the page only caps its own threads.
 API_CONCURRENCY = 16
+# A short answer streams to the page token by token; past this many updates, at most one update per
+# UPDATE_INTERVAL_S: the browser re-renders the answer on each, and a fast model's token-per-update
+# stream kept it so busy that a click on Stop waited for the answer's end.
+UNTHROTTLED_UPDATES = 16
+UPDATE_INTERVAL_S = 0.05
 INSTALL_HINT = "the web chat needs gradio and openai: pip install 'modelscope_llama2[web]'"
 
 
@@ -145,20 +152,32 @@ def conversation_from_json(value: Dict[str, Any]) -> Conversation:
 
 
 def respond(backend: Backend, conversation: Conversation, text: str, system: Optional[str],
-            settings: Settings) -> Iterator[Update]:
+            settings: Settings, stop: Optional[threading.Event] = None) -> Iterator[Update]:
     """Answer ``text`` after the conversation's rounds, yielding the page as the answer streams in.
 
     Each update's conversation is what the page shows, so stopping at any
-    point leaves shown history and state equal. A refused request restores
-    the conversation and puts ``text`` back in the message box.
+    point leaves shown history and state equal. After the first
+    ``UNTHROTTLED_UPDATES``, partials closer than ``UPDATE_INTERVAL_S`` to the
+    last update shown are folded into the next one. Once ``stop`` is set the answer ends where it is shown (the model
+    stops at its next token), with no note; an unanswered message is dropped
+    (:func:`stopped`). A refused request restores the conversation and puts
+    ``text`` back in the message box.
     """
     rounds = conversation.rounds
-    yield Update(Conversation(rounds, pending=text), draft="")
-    last = Partial("")
+    shown = Conversation(rounds, pending=text)
+    yield Update(shown, draft="")
+    last, shown_at, updates = Partial(""), 0.0, 0
     try:
         with closing(backend.stream(system or None, rounds, text, settings)) as stream:
             for last in stream:
-                yield Update(Conversation((*rounds, (text, last.text))))
+                if stop is not None and stop.is_set():
+                    if shown.pending is not None:
+                        yield Update(stopped(shown))
+                    return
+                due = updates < UNTHROTTLED_UPDATES or time.monotonic() - shown_at >= UPDATE_INTERVAL_S
+                if due and last.finish_reason is None:
+                    shown, shown_at, updates = Conversation((*rounds, (text, last.text))), time.monotonic(), updates + 1
+                    yield Update(shown)
     except ChatError as error:
         yield Update(Conversation(rounds), note=f"⚠️ {error}", draft=text)
         return
@@ -192,6 +211,52 @@ def finish_note(last: Partial, settings: Settings, context_length: int) -> str:
 def stopped(conversation: Conversation) -> Conversation:
     """The conversation once the user stopped an answer: what streamed so far stays; an unanswered message goes."""
     return Conversation(conversation.rounds)
+
+
+class StopSignals:
+    """The Stop button's signals to the answers running in each browser session.
+
+    Stop is a signal the running answer acts on (:func:`respond`'s ``stop``),
+    not Gradio's cancellation of the event: a cancelled event raced with its
+    own last updates, so the page could show Gradio's "Error" under the chat,
+    or keep streaming the answer Stop should have ended. A signalled answer
+    instead ends as a finished event, on the conversation it last showed.
+    A Stop before the answer has started (still queued) has nothing to stop.
+
+    Example:
+        >>> signals = StopSignals()
+        >>> with signals.answering("session-1") as stop:
+        ...     signals.stop("session-2"), stop.is_set(), signals.stop("session-1"), stop.is_set()
+        (False, False, True, True)
+        >>> signals.stop("session-1")  # no answer running any more
+        False
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: Dict[str, Set[threading.Event]] = {}
+
+    @contextmanager
+    def answering(self, session: str) -> Iterator[threading.Event]:
+        """The stop signal of one answer of ``session``, for as long as it runs."""
+        signal = threading.Event()
+        with self._lock:
+            self._running.setdefault(session, set()).add(signal)
+        try:
+            yield signal
+        finally:
+            with self._lock:
+                self._running[session].discard(signal)
+                if not self._running[session]:
+                    del self._running[session]
+
+    def stop(self, session: str) -> bool:
+        """Signal every answer running in ``session`` to stop; whether there was one."""
+        with self._lock:
+            signals = list(self._running.get(session, ()))
+        for signal in signals:
+            signal.set()
+        return bool(signals)
 
 
 def rewind(conversation: Conversation, message_index: int) -> Tuple[Conversation, str]:
@@ -444,6 +509,7 @@ def build_demo(backend: Backend, title: str = "Llama 2 chat") -> Any:
         # cancelled event), and the next prompt held text the user never saw. The handlers get and return
         # it as plain JSON (conversation_json), and work on Conversation inside.
         conversation = gr.JSON(conversation_json(Conversation()), visible=False)
+        stop_signals = StopSignals()
 
         page = [message, chatbot, conversation, note]
         controls = [conversation, system, max_new_tokens, temperature, top_p]
@@ -452,35 +518,47 @@ def build_demo(backend: Backend, title: str = "Llama 2 chat") -> Any:
             draft = gr.skip() if update.draft is None else update.draft
             return draft, chatbot_messages(update.conversation), conversation_json(update.conversation), update.note
 
-        def answer(conversation: Conversation, text: str, system: str, *controls: float) -> Iterator[tuple]:
-            for update in respond(backend, conversation, text, system, Settings(int(controls[0]), *controls[1:])):
-                yield show(update)
+        def answer(request: Any, conversation: Conversation, text: str, system: str, max_new_tokens: float,
+                   temperature: float, top_p: float) -> Iterator[tuple]:
+            with stop_signals.answering(request.session_hash) as stop:
+                for update in respond(backend, conversation, text, system,
+                                      Settings(int(max_new_tokens), temperature, top_p), stop):
+                    yield show(update)
 
-        def on_send(text: str, state: Dict[str, Any], *controls: Any) -> Iterator[tuple]:
+        # Gradio passes a handler its gr.Request (a positional parameter so annotated): the session_hash is
+        # the browser tab, whose answers the tab's Stop signals.
+        def on_send(text: str, state: Dict[str, Any], system: str, max_new_tokens: float, temperature: float,
+                    top_p: float, request: gr.Request) -> Iterator[tuple]:
             if text.strip():
-                yield from answer(conversation_from_json(state), text, *controls)
+                yield from answer(request, conversation_from_json(state), text, system, max_new_tokens,
+                                  temperature, top_p)
 
-        def on_retry(state: Dict[str, Any], *controls: Any) -> Iterator[tuple]:
+        def on_retry(state: Dict[str, Any], system: str, max_new_tokens: float, temperature: float, top_p: float,
+                     request: gr.Request) -> Iterator[tuple]:
             conversation = conversation_from_json(state)
             if conversation.rounds:
-                yield from answer(*rewind(conversation, 2 * len(conversation.rounds) - 1), *controls)
+                yield from answer(request, *rewind(conversation, 2 * len(conversation.rounds) - 1), system,
+                                  max_new_tokens, temperature, top_p)
 
-        def on_retry_message(data: gr.RetryData, state: Dict[str, Any], *controls: Any) -> Iterator[tuple]:
-            yield from answer(*rewind(conversation_from_json(state), data.index), *controls)
+        def on_retry_message(data: gr.RetryData, state: Dict[str, Any], system: str, max_new_tokens: float,
+                             temperature: float, top_p: float, request: gr.Request) -> Iterator[tuple]:
+            yield from answer(request, *rewind(conversation_from_json(state), data.index), system, max_new_tokens,
+                              temperature, top_p)
 
-        def on_edit(data: gr.EditData, state: Dict[str, Any], *controls: Any) -> Iterator[tuple]:
+        def on_edit(data: gr.EditData, state: Dict[str, Any], system: str, max_new_tokens: float,
+                    temperature: float, top_p: float, request: gr.Request) -> Iterator[tuple]:
             edited, text = edit(conversation_from_json(state), data.index, data.value)  # the edited text
             if text is None:
                 yield show(Update(edited))
             else:
-                yield from answer(edited, text, *controls)
+                yield from answer(request, edited, text, system, max_new_tokens, temperature, top_p)
 
         def on_undo(data: gr.UndoData, state: Dict[str, Any]) -> tuple:
             earlier, text = rewind(conversation_from_json(state), data.index)
             return show(Update(earlier, draft=text))
 
-        def on_stop(state: Dict[str, Any]) -> tuple:
-            return show(Update(stopped(conversation_from_json(state))))
+        def on_stop(request: gr.Request) -> None:
+            stop_signals.stop(request.session_hash)
 
         def on_clear() -> tuple:
             return show(Update(Conversation()))
@@ -493,7 +571,8 @@ def build_demo(backend: Backend, title: str = "Llama 2 chat") -> Any:
             chatbot.retry(on_retry_message, controls, **generating),
             chatbot.edit(on_edit, controls, **generating),
         ]
-        stop.click(on_stop, [conversation], page, cancels=answers, queue=False)
+        # No outputs and no cancels: the signalled answer ends itself, showing where it stopped (StopSignals).
+        stop.click(on_stop, None, None, queue=False)
         chatbot.undo(on_undo, [conversation], page, cancels=answers, queue=False)
         # Both clear controls empty the state too: the chat's own trash icon and the button.
         chatbot.clear(on_clear, None, page, cancels=answers, queue=False)

@@ -94,9 +94,9 @@ def parse_chat_inputs(inputs: Any, where: str = "inputs") -> ChatRequest:
     tools = parse_tools(inputs.get("tools"), inputs.get("tool_choice"), inputs.get("parallel_tool_calls"),
                         f"{where}.")
     spec = _parse_spec(inputs, CHAT_KEYS, where)
-    if tools is not None and tools.active and spec.structured is not None:
-        raise ValueError(f"{where}['response_format']: cannot be combined with tools (send tool_choice "
-                         "'none' to answer in a format without tools)")
+    if tools is not None and spec.structured is not None:
+        # Both, as OpenAI takes them: the answer is a tool call or, with tool_choice "auto", JSON in the format.
+        tools = replace(tools, response=spec.structured)
     if "messages" in inputs:
         if {"text", "history", "system"} & set(inputs):
             raise ValueError(f"{where}: give either 'messages' or 'text'/'history'/'system', not both")

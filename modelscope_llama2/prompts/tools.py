@@ -10,7 +10,9 @@ llama.cpp's generic handler does for such models), pure Python:
   turn ``{"tool_results":[{"name":..., "content":...}]}``
   (:func:`dialog_from_messages`).
 * **Answer**: ``{"tool_calls":[{"name":..., "arguments":{...}}]}`` or, with
-  ``tool_choice: "auto"``, also ``{"response":"..."}`` for a plain answer.
+  ``tool_choice: "auto"``, also ``{"response":"..."}`` for a plain answer;
+  with a ``response_format`` too (:attr:`ToolSpec.response`), the answer
+  is ``{"response":<JSON in that format>}`` instead, and its content is that JSON.
   :func:`output_schema` is the JSON schema constrained decoding enforces
   (``required``/named: a call of the right tool with valid arguments;
   ``auto``: both branches); ``none`` ignores the tools altogether.
@@ -76,6 +78,8 @@ class ToolSpec:
     mode: ToolMode = "auto"
     name: Optional[str] = None
     parallel: bool = True
+    # The request's response_format: the format of an answer that calls no tool (None: plain text).
+    response: Optional[StructuredOutput] = None
 
     @property
     def active(self) -> bool:
@@ -179,8 +183,9 @@ def tools_text(spec: ToolSpec) -> str:
     lines += [_compact({"name": tool.name, "description": tool.description, "parameters": tool.parameters})
               for tool in spec.tools]
     if spec.mode == "auto":
+        answer = "your answer as a string" if spec.response is None else "your answer, as JSON in the format asked"
         instruction = (f"To call tools, answer with a JSON object {_CALL_FORMAT}; otherwise answer with "
-                       '{"response":<your answer as a string>}.')
+                       f'{{"response":<{answer}>}}.')
     elif spec.mode == "named":
         instruction = f'Answer with a JSON object {_CALL_FORMAT.replace("<tool name>", _compact(spec.name))}.'
     else:
@@ -269,8 +274,26 @@ def output_schema(spec: ToolSpec) -> Dict[str, Any]:
     tool_calls = {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"]}
     if spec.mode != "auto":
         return tool_calls
-    response = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"]}
-    return {"anyOf": [tool_calls, response]}
+    answer, definitions = _response_schema(spec.response)
+    response = {"type": "object", "properties": {"response": answer}, "required": ["response"]}
+    return {"anyOf": [tool_calls, response], **definitions}
+
+
+def _response_schema(response: Optional[StructuredOutput]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The schema of the answer's ``response`` value, and the definitions it refers to, for the root.
+
+    A response format's ``$defs``/``definitions`` move to the root of the
+    whole schema, where its ``#/$defs/...`` references still point.
+    """
+    if response is None:
+        return {"type": "string"}, {}
+    if response.kind == "json_object":
+        return {"type": "object"}, {}
+    schema = json.loads(response.spec)
+    if not isinstance(schema, dict):  # true / false
+        return schema, {}
+    definitions = {key: schema[key] for key in ("$defs", "definitions") if key in schema}
+    return {key: value for key, value in schema.items() if key not in definitions}, definitions
 
 
 def structured_output(spec: Optional[ToolSpec]) -> Optional[StructuredOutput]:
@@ -281,6 +304,7 @@ def structured_output(spec: Optional[ToolSpec]) -> Optional[StructuredOutput]:
 
 
 _RESPONSE_START = '{"response":"'
+_FORMATTED_START = '{"response":'
 
 
 def parse_tool_output(text: str, spec: ToolSpec) -> Tuple[Optional[str], Tuple[ToolCall, ...]]:
@@ -291,10 +315,15 @@ def parse_tool_output(text: str, spec: ToolSpec) -> Tuple[Optional[str], Tuple[T
     the token limit gives what it holds as text: the plain answer so far, or
     the tool-call JSON as generated.
     """
+    formatted = spec.response is not None and spec.mode == "auto" and text.startswith(_FORMATTED_START)
     try:
         value = json.loads(text)
     except ValueError:
+        if formatted:  # cut by the token limit: the JSON so far
+            return text[len(_FORMATTED_START):], ()
         return (_decoded_prefix(text[len(_RESPONSE_START):]) if text.startswith(_RESPONSE_START) else text), ()
+    if formatted and isinstance(value, dict) and list(value) == ["response"]:
+        return text[len(_FORMATTED_START):-1], ()  # the JSON exactly as generated (compact, by the grammar)
     if isinstance(value, dict) and isinstance(value.get("response"), str) and len(value) == 1:
         return value["response"].lstrip(), ()
     if isinstance(value, dict) and isinstance(value.get("tool_calls"), list):
@@ -329,6 +358,11 @@ class ToolOutputStream:
 
     def feed(self, piece: str) -> str:
         self.text += piece
+        if self.spec.response is not None and self.spec.mode == "auto":
+            # The JSON answer as generated, but its last character, which may close the wrapper.
+            decoded = self.text[len(_FORMATTED_START):-1] if self.text.startswith(_FORMATTED_START) else ""
+            new, self.shown = decoded[len(self.shown):], decoded
+            return new
         if not self.text.startswith(_RESPONSE_START):
             return ""
         decoded = _decoded_prefix(self.text[len(_RESPONSE_START):])

@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse, Response
 
 from .admission import Admission
 from .backend import Backend, BackendUnavailable
+from .bodies import OffLoopRoute
 from .config import ServerConfig
 from .errors import install_error_handlers
 from .generation import Generation
@@ -93,6 +94,7 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
 
     app = FastAPI(title="modelscope_llama2 OpenAI-compatible server", lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url="/openapi.json")
+    app.router.route_class = OffLoopRoute  # large bodies parsed and validated off the event loop
     app.state.metrics, app.state.admission, app.state.backend = metrics, admission, backend
     app.state.drain = drain = Drain(generation)
     install_error_handlers(app, metrics)
@@ -139,13 +141,14 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
     async def delete_response(response_id: str) -> Dict[str, Any]:
         return responses.delete(response_id)
 
+    # Off the event loop, as prompt building is: a long dialog or id list takes a while to encode or decode.
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
-        return tokenization.tokenize(body)
+        return await asyncio.to_thread(tokenization.tokenize, body)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
-        return tokenization.detokenize(body)
+        return await asyncio.to_thread(tokenization.detokenize, body)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> TokenizerInfo:

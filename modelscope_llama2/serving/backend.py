@@ -16,6 +16,7 @@ Example:
 import abc
 import asyncio
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, Iterator, List, Optional
 
@@ -87,12 +88,19 @@ class LocalBackend(Backend):
         self.engine_name = engine.name
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generate")
         self._submit = getattr(engine, "submit", None) or self._submit_in_thread
+        self._wakers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waker]" = weakref.WeakKeyDictionary()
+
+    def _waker(self, loop: asyncio.AbstractEventLoop) -> "_Waker":
+        waker = self._wakers.get(loop)
+        if waker is None:
+            waker = self._wakers[loop] = _Waker(loop)
+        return waker
 
     def check_sampling(self, sampling: SamplingParams, where: str) -> None:
         self.engine.check_sampling(sampling, where)
 
     async def stream(self, prompt: Prompt, whole: bool = False) -> AsyncIterator[TextDelta]:
-        mailbox = _Mailbox(asyncio.get_running_loop())
+        mailbox = _Mailbox(self._waker(asyncio.get_running_loop()))
         detokenizer: List[StreamingDetokenizer] = []  # built on the engine's thread (long stops take a while)
 
         def deliver(event: Any) -> None:  # on the engine's thread
@@ -161,6 +169,36 @@ class _Failure:
         self.error = error
 
 
+class _Waker:
+    """Wakes an event loop's consumers: one loop callback for every mailbox filled since the last one.
+
+    The engine hands a step's events out in one burst (one per row); each
+    ``call_soon_threadsafe`` writes to the loop's self-pipe, so waking per
+    mailbox would cost a system call and a GIL hand-over per row and token.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: List["_Mailbox"] = []
+
+    def wake(self, mailbox: "_Mailbox") -> None:
+        with self._lock:
+            self._pending.append(mailbox)
+            if len(self._pending) > 1:  # a callback is already scheduled and will take this one too
+                return
+        try:
+            self._loop.call_soon_threadsafe(self._run)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            pass
+
+    def _run(self) -> None:  # on the event loop
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for mailbox in pending:
+            mailbox.woken.set()
+
+
 class _Mailbox:
     """A request's deltas from the engine's thread to its consumer on the event loop.
 
@@ -169,11 +207,11 @@ class _Mailbox:
     is bounded and the loop is woken once per batch, not once per token.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
+    def __init__(self, waker: _Waker):
+        self._waker = waker
         self._lock = threading.Lock()
         self._items: List[Any] = []
-        self._woken = asyncio.Event()
+        self.woken = asyncio.Event()
         self._scheduled = False
 
     def put(self, item: Any) -> None:
@@ -185,15 +223,12 @@ class _Mailbox:
             if self._scheduled:
                 return
             self._scheduled = True
-        try:
-            self._loop.call_soon_threadsafe(self._woken.set)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            pass
+        self._waker.wake(self)
 
     async def get(self) -> List[Any]:
-        await self._woken.wait()
+        await self.woken.wait()
         with self._lock:
             items, self._items = self._items, []
             self._scheduled = False
-            self._woken.clear()
+            self.woken.clear()
         return items

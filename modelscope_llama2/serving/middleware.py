@@ -59,7 +59,8 @@ class GuardMiddleware:
         except _TooLarge:
             return await self._answer(self._too_large(), scope, receive, send)
         if SURROGATE_ESCAPE.search(body):
-            field = unencodable_field(_json_or_none(body))
+            # In a worker thread: walking a large body's every string would hold up the event loop.
+            field = await asyncio.to_thread(lambda: unencodable_field(_json_or_none(body)))
             if field is not None:
                 return await self._answer((400, f"{field}: contains a lone UTF-16 surrogate, which is not text; "
                                                 "send valid Unicode", field, None), scope, receive, send)

@@ -374,12 +374,19 @@ class IncompleteDetails(BaseModel):
     reason: str
 
 
+class ResponseError(BaseModel):
+    """Why a response failed (``status: "failed"``), in OpenAI's shape: one of its ``code`` values and a message."""
+
+    code: Literal["server_error", "rate_limit_exceeded", "invalid_prompt"]
+    message: str
+
+
 class ResponseObject(BaseModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int = Field(default_factory=lambda: int(time.time()))
     status: Literal["in_progress", "completed", "incomplete", "failed"]
-    error: Optional[ErrorBody] = None
+    error: Optional[ResponseError] = None
     incomplete_details: Optional[IncompleteDetails] = None
     instructions: Optional[str] = None
     max_output_tokens: Optional[int] = None

@@ -5,7 +5,8 @@ A multiple-choice task (loglikelihood requests: ``echo`` + ``logprobs`` on
 user would, once with ``--model hf`` (transformers in-process) and once with
 ``--model local-completions`` against a real server on loopback: the same
 accuracy, and every request's loglikelihood within 1e-4. Then a
-generate_until task through ``local-chat-completions``. No download: the
+generate_until task through ``local-chat-completions``, and one through
+``local-completions`` with humaneval's six stop strings. No download: the
 task reads the local file, the model is the bundled demo checkpoint.
 Runs in lm-eval's own venv (``.ci/lmeval.sh``).
 """
@@ -62,12 +63,19 @@ metric_list:
 """
 
 
+# humaneval's ``until`` (lm-eval adds EOS): local-completions sends all six, not OpenAI's at most 4.
+COMPLETE = GENERATE.replace("demo_generate", "demo_complete").replace(
+    '"{{{{question}}}}"', '"[INST] {{{{question}}}} [/INST]"').replace(
+    'until: ["</s>"]', 'until: ["\\nclass", "\\ndef", "\\n#", "\\nif", " Province"]')
+
+
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tasks")
     data = os.path.join(HERE, "capitals.jsonl")
     (folder / "multiple_choice.yaml").write_text(MULTIPLE_CHOICE.format(data=data))
     (folder / "generate.yaml").write_text(GENERATE.format(data=data))
+    (folder / "complete.yaml").write_text(COMPLETE.format(data=data))
     return str(folder)
 
 
@@ -125,3 +133,15 @@ def test_generate_until_through_chat_completions(tmp_path, tasks, server_url):
     assert answers[0] == "The capital of Zhejiang Province is Hangzhou."
     assert answers[2] == "2 + 2 = 4."
     assert results["exact_match,none"] >= 0.5
+
+
+def test_generate_until_through_completions_with_six_stop_strings(tmp_path, tasks, server_url):
+    _, samples = lm_eval(
+        tmp_path, (tasks, "demo_complete"), "local-completions",
+        f"model=demo,base_url={server_url}/v1/completions,tokenizer={DEMO_DIR},add_bos_token=True,"
+        "num_concurrent=2,max_retries=1")
+    answers = {doc_id: s["filtered_resps"][0] for doc_id, s in samples.items()}
+    # "The capital of Zhejiang Province is Hangzhou.", cut at the stop string " Province".
+    assert answers[0] == " The capital of Zhejiang"
+    # Raw completion text: the checkpoint learnt Meta's "{answer} </s>", so the space before EOS is kept.
+    assert answers[2] == " 2 + 2 = 4. "

@@ -26,13 +26,14 @@ Example:
     >>> engine = BatchingEngine(AutoModelForCausalLM.from_pretrained(DEMO_DIR), max_batch_size=4)
     >>> greedy = Prompt(token_ids=(1, 3, 4), sampling=SamplingParams(max_new_tokens=3, options={"do_sample": False}))
     >>> seeded = Prompt(token_ids=(1, 3, 4), sampling=SamplingParams(
-    ...     max_new_tokens=3, seed=7, options={"do_sample": True, "temperature": 0.8}))
+    ...     max_new_tokens=3, seed=7, ignore_eos=True, options={"do_sample": True, "temperature": 0.8}))
     >>> finals = [e for e in engine.generate([greedy, seeded]) if e.finished]
     >>> sorted((e.finish_reason, e.usage.prompt_tokens) for e in finals)
     [('length', 3), ('length', 3)]
     >>> engine.close()
 """
 
+import contextlib
 import inspect
 import logging
 import threading
@@ -48,6 +49,7 @@ from ..prefix_cache import common_prefix_length
 from ..transformers_engine import check_token_ids
 from .kv import SlotCache, bytes_per_token
 from .sampler import CHECKPOINT_DEFAULTS, ROW_OPTIONS, RowSampling, row_sampling, sample
+from .threads import ThreadChooser
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ class BatchingEngine(Engine):
         self.context_length = max_model_len or getattr(model.config, "max_position_embeddings", CONTEXT_LENGTH)
         self.max_batch_tokens = max_batch_tokens
         self._input_device = _input_device(model)
+        # On a CPU, each kind of step runs on one thread or all, whichever its timings say is faster.
+        self._threads = ThreadChooser(torch.get_num_threads()) if self._input_device.type == "cpu" else None
         self._defaults = _checkpoint_defaults(model)
         forward_params = inspect.signature(model.forward).parameters
         self._cache_key = "cache" if "cache" in forward_params else "past_key_values"
@@ -266,10 +270,16 @@ class BatchingEngine(Engine):
         prefilling = [r for r in self._running if len(r.feed) > 1 and not r.done]
         if prefilling:
             group = self._prefill_group(prefilling)
-            self._forward(group, [min(len(r.feed), self.max_batch_tokens) for r in group])
+            counts = [min(len(r.feed), self.max_batch_tokens) for r in group]
+            with self._threads_for(max(counts) * len(group), decode=False):
+                self._forward(group, counts)
         decoding = [r for r in self._running if len(r.feed) == 1 and not r.done]
         if decoding:
-            self._forward(decoding, [1] * len(decoding))
+            with self._threads_for(len(decoding), decode=True):
+                self._forward(decoding, [1] * len(decoding))
+
+    def _threads_for(self, tokens: int, decode: bool) -> Any:
+        return self._threads.step(tokens, decode) if self._threads is not None else contextlib.nullcontext()
 
     def _prefill_group(self, prefilling: List["_Request"]) -> List["_Request"]:
         """Prompts prefilled in one forward pass: up to ``max_batch_tokens`` padded tokens.
@@ -332,8 +342,13 @@ class BatchingEngine(Engine):
         histories = [(self._history[r.slot, :r.length], len(r.prompt.token_ids)) if r.params.needs_history else None
                      for r in requests]
         tokens, logprobs = sample(logits, [r.params for r in requests], histories, [r.count for r in requests])
-        for request, token, logprob in zip(requests, tokens, logprobs):
-            request.take(token, logprob, room=request.length < self.context_length)
+        events = [request.take(token, logprob, room=request.length < self.context_length)
+                  for request, token, logprob in zip(requests, tokens, logprobs)]
+        # Every row's event once the step's tokens are all taken: consumers woken in one burst, not one
+        # wake-up (and GIL hand-over) between each row's bookkeeping.
+        for request, event in zip(requests, events):
+            if event is not None:
+                request.deliver(event)
 
     def _warm_up(self) -> None:
         # The first forward passes pick kernels and touch the weights; pay that before the first client.
@@ -374,31 +389,41 @@ class _Request:
         return TokenEvent(self.prompt.request_id, token_ids, reason, usage, logprobs=logprobs,
                           prompt_logprobs=tuple(scored) if scored is not None else None)
 
-    def take(self, token: int, logprob: Optional[TokenLogprob], room: bool) -> None:
+    def take(self, token: int, logprob: Optional[TokenLogprob], room: bool) -> Optional[TokenEvent]:
+        """Count the sampled ``token``; the event to :meth:`deliver` for it (None when already finished)."""
         with self._lock:
             if self.done:
-                return
+                return None
             if self.prompt.sampling.max_new_tokens == 0:  # scoring the prompt only
-                self.finish("length")
-                return
+                return self.finish("length", deliver=False)
             if token == EOS_ID and not self.params.ignore_eos:
-                self.finish("eos")
-                return
+                return self.finish("eos", deliver=False)
             self.count += 1
             self.feed = [token]
             logprobs = (logprob,) if logprob is not None else ()
             if self.count >= self.prompt.sampling.max_new_tokens or not room:
-                self.finish("length", (token,), logprobs)
-            else:
-                self.on_event(self._event((token,), logprobs=logprobs))
+                return self.finish("length", (token,), logprobs, deliver=False)
+            return self._event((token,), logprobs=logprobs)
 
-    def finish(self, reason: str, token_ids: tuple = (), logprobs: tuple = ()) -> None:
+    def deliver(self, event: TokenEvent) -> None:
+        """Hand ``event`` (from :meth:`take`) to the consumer, unless an abort ended the request since."""
+        with self._lock:
+            if event.finished or not self.done:
+                self.on_event(event)
+
+    def finish(self, reason: str, token_ids: tuple = (), logprobs: tuple = (),
+               deliver: bool = True) -> Optional[TokenEvent]:
+        """End the request (once): its last event, handed to the consumer now or (``deliver=False``) returned."""
         with self._lock:
             if self.done:
-                return
+                return None
             self.done = True
             usage = Usage(len(self.prompt.token_ids), self.count, self.cached)
-            self.on_event(self._event(token_ids, reason, usage, logprobs))
+            event = self._event(token_ids, reason, usage, logprobs)
+            if not deliver:
+                return event
+            self.on_event(event)
+            return None
 
 
 def _checkpoint_defaults(model: Any) -> Dict[str, Any]:

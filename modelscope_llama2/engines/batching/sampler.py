@@ -34,8 +34,9 @@ ROW_OPTIONS = frozenset({
     "do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "min_new_tokens",
     "frequency_penalty", "presence_penalty",
 })
-# Most likely tokens a row is drawn among when its top-k/top-p/min-p cut falls inside them (see _draw).
-NUCLEUS_CANDIDATES = 256
+# Most likely tokens a row is drawn among when its top-k/top-p/min-p cut falls inside them, narrowest
+# first (see _draw).
+NUCLEUS_CANDIDATES = (64, 256)
 # Settings a request leaves to the checkpoint's generation config when it does not set them.
 CHECKPOINT_DEFAULTS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -153,28 +154,35 @@ def _draw(scores: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
 
     A row whose kept tokens (top-k, top-p, min-p) lie within its
     :data:`NUCLEUS_CANDIDATES` most likely ones (a trained model's usual
-    case) is drawn among those; the rest over the whole vocabulary. Which
-    path a row takes depends on that row alone, so a seeded request draws
-    the same way alone and in a batch.
+    case: the narrower widths first, as a top-64 costs a fifth of a top-256
+    over 32,000 tokens on a CPU) is drawn among those; the rest over the
+    whole vocabulary. Which path a row takes depends on that row alone, so a
+    seeded request draws the same way alone and in a batch.
     """
     device, vocab = scores.device, scores.shape[1]
     temperature = torch.tensor([row.temperature for row in rows], device=device)
     probs = torch.softmax(scores / temperature[:, None], dim=-1)
-    candidates = probs.topk(min(NUCLEUS_CANDIDATES, vocab), dim=-1)
-    keep = _kept_candidates(candidates.values, rows)
-    cut_inside = (~keep[:, -1]).tolist()
-    narrow = [i for i, row in enumerate(rows)
-              if 0 < row.top_k <= keep.shape[1] or (cut_inside[i] and _top_p_over_all(row, vocab))]
     tokens = torch.empty(len(rows), dtype=torch.long, device=device)
-    if narrow:
-        values = candidates.values[narrow].masked_fill(~keep[narrow], 0.0)
-        noise = _noise([rows[i] for i in narrow], values.shape[1], device)
-        tokens[narrow] = candidates.indices[narrow].gather(1, (values / noise).argmax(dim=-1, keepdim=True))[:, 0]
-    wide = sorted(set(range(len(rows))) - set(narrow))
-    if wide:
-        truncated = _truncate(scores[wide] / temperature[wide, None], [rows[i] for i in wide])
-        noise = _noise([rows[i] for i in wide], vocab, device)
-        tokens[wide] = (torch.softmax(truncated, dim=-1) / noise).argmax(dim=-1)
+    left = list(range(len(rows)))  # rows not drawn yet
+    for width in NUCLEUS_CANDIDATES:
+        if not left:
+            break
+        candidates = (probs if len(left) == len(rows) else probs[left]).topk(min(width, vocab), dim=-1)
+        keep = _kept_candidates(candidates.values, [rows[i] for i in left])
+        cut_inside = (~keep[:, -1]).tolist()
+        narrow = [j for j, i in enumerate(left)
+                  if 0 < rows[i].top_k <= keep.shape[1] or (cut_inside[j] and _top_p_over_all(rows[i], vocab))]
+        if narrow:
+            values = candidates.values[narrow].masked_fill(~keep[narrow], 0.0)
+            noise = _noise([rows[left[j]] for j in narrow], values.shape[1], device)
+            drawn = candidates.indices[narrow].gather(1, (values / noise).argmax(dim=-1, keepdim=True))[:, 0]
+            tokens[[left[j] for j in narrow]] = drawn
+            done = set(narrow)
+            left = [i for j, i in enumerate(left) if j not in done]
+    if left:
+        truncated = _truncate(scores[left] / temperature[left, None], [rows[i] for i in left])
+        noise = _noise([rows[i] for i in left], vocab, device)
+        tokens[left] = (torch.softmax(truncated, dim=-1) / noise).argmax(dim=-1)
     return tokens
 
 
@@ -204,8 +212,13 @@ def _kept_candidates(values: torch.Tensor, rows: Sequence[RowSampling]) -> torch
 
 
 def _noise(rows: Sequence[RowSampling], width: int, device: Any) -> torch.Tensor:
-    """Exponential noise, ``width`` per row, each row from its own generator (Gumbel-max: argmax(p / noise))."""
-    return torch.stack([torch.empty(width, device=device).exponential_(generator=row.generator) for row in rows])
+    """Exponential noise, ``width`` per row, each row from its own generator (Gumbel-max: argmax(p / noise)).
+
+    ``-log(u)`` of uniform draws: the same distribution as ``exponential_``,
+    whose CPU kernel costs 4-7x more per call (32,000 draws: 1.25 ms vs 0.3 ms).
+    A draw of exactly 0 gives infinite noise: that token's ``p / noise`` is 0.
+    """
+    return torch.stack([torch.rand(width, device=device, generator=row.generator) for row in rows]).log_().neg_()
 
 
 def _truncate(scores: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:

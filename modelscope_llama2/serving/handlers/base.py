@@ -124,13 +124,18 @@ def refuse_unsupported(request: Any) -> None:
         raise APIError(400, "best_of: not supported by this server", param="best_of")
 
 
+# More than OpenAI's 4, as vLLM takes: lm-eval's local-completions sends a task's every ``until`` string plus
+# EOS (humaneval: 6). Matching costs O(new text) per stop string per token, so the count bounds the work.
+MAX_STOP_STRINGS = 16
+
+
 def stops(stop: Any) -> Tuple[str, ...]:
     """A request's ``stop`` as a tuple, checked."""
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if not all(stops):
         raise APIError(400, "stop: stop strings must not be empty", param="stop")
-    if len(stops) > 4:
-        raise APIError(400, "stop: at most 4 stop sequences", param="stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} stop sequences", param="stop")
     return stops
 
 
@@ -360,8 +365,10 @@ class Handler:
         choices = await self.until_disconnected(request, collect(deltas, len(prompts)))
         if choices is None:
             return self.client_gone()
+        # Off the event loop: logprobs (echoed prompts' too) and long answers take a while to shape.
+        answer = await asyncio.to_thread(lambda: build(response_id, choices).model_dump(exclude_none=True))
         self.metrics.requests.labels(status="200").inc()
-        return build(response_id, choices).model_dump(exclude_none=True)
+        return answer
 
     @staticmethod
     async def until_disconnected(request: Request, work: Any) -> Optional[Any]:
@@ -389,28 +396,27 @@ class Handler:
         self.metrics.requests.labels(status="499").inc()
         return Response(status_code=499)
 
-    def streaming(self, chunks: AsyncIterator[str], done: bool = True) -> StreamingResponse:
-        """An SSE response of ``chunks``, ending with ``data: [DONE]`` (``done``) as OpenAI's chat streams do."""
+    def streaming(self, chunks: AsyncIterator[str], done: bool = True,
+                  failed: Callable[[ErrorResponse], str] = lambda error: sse(error.model_dump_json())
+                  ) -> StreamingResponse:
+        """An SSE response of ``chunks``, ending with ``data: [DONE]`` (``done``) as OpenAI's chat streams do.
+
+        A failure after the status line went out ends the stream with the event
+        ``failed`` writes for OpenAI's error body (default: the body itself, as vLLM sends).
+        """
         metrics = self.metrics
 
         async def body() -> AsyncIterator[str]:
             try:
                 async for chunk in chunks:
                     yield chunk
-            except APIError as error:  # after the status line went out: an error event, as vLLM sends
-                metrics.requests.labels(status=str(error.status)).inc()
-                yield sse(error.body.model_dump_json())
-            except BackendUnavailable as error:  # replica gone, or the server's drain timeout passed
-                metrics.requests.labels(status="503").inc()
-                yield sse(ErrorResponse.of(f"The model is not available: {error}",
-                                           "service_unavailable_error").model_dump_json())
-            except Exception:
-                logger.exception("generation failed mid-stream")
-                metrics.requests.labels(status="500").inc()
-                yield sse(ErrorResponse.of("The server failed while generating.", "server_error").model_dump_json())
             except asyncio.CancelledError:  # the client went away; closing the chunks aborts its generation
                 metrics.requests.labels(status="499").inc()
                 raise
+            except Exception as error:
+                status, answer = _failure(error)
+                metrics.requests.labels(status=str(status)).inc()
+                yield failed(answer)
             else:
                 metrics.requests.labels(status="200").inc()
             finally:
@@ -420,3 +426,13 @@ class Handler:
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _failure(error: Exception) -> Tuple[int, ErrorResponse]:
+    """The status and OpenAI error body of a failure in the middle of a stream."""
+    if isinstance(error, APIError):
+        return error.status, error.body
+    if isinstance(error, BackendUnavailable):  # replica gone, or the server's drain timeout passed
+        return 503, ErrorResponse.of(f"The model is not available: {error}", "service_unavailable_error")
+    logger.error("generation failed mid-stream", exc_info=error)  # the trace stays in the server's log
+    return 500, ErrorResponse.of("The server failed while generating.", "server_error")

@@ -92,6 +92,12 @@ async def _chunks(body: ChatCompletionRequest, prompts: List[Prompt], response_i
         pending[index] += delta.logprobs
         if tools[index] is not None:
             for piece in _tool_chunks(tools[index], shown, reason, index, delta):
+                # As for text: the tokens not sent yet go with the next chunk sent, whatever it carries (the
+                # tool-call JSON's tokens too), so the chunks' logprobs are the whole answer's, in order.
+                if pending_ids[index]:
+                    piece.logprobs = chat_logprobs(tokens, pending[index]) if tokens else None
+                    piece.token_ids = pending_ids[index] if body.return_token_ids else None
+                    pending_ids[index], pending[index] = [], []
                 yield chunk([piece])
             if delta.finish_reason is not None:
                 finals.append(delta)

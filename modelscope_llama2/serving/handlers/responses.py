@@ -11,7 +11,7 @@ event sequence: ``response.created``, ``response.in_progress``,
 ``response.output_item.added``, ``response.content_part.added``,
 ``response.output_text.delta``..., ``response.output_text.done``,
 ``response.content_part.done``, ``response.output_item.done``,
-``response.completed``.
+``response.completed`` (or ``response.incomplete``; a failure once the stream started: ``response.failed``).
 
 Example:
     >>> store = ResponseStore(max_entries=1)
@@ -35,9 +35,9 @@ from ...prompts.prompt import Prompt
 from ...prompts.tools import ToolCall, parse_tool_output
 from ..errors import APIError
 from ..generation import Choice, collect, usage
-from ..protocol import (FunctionCallItem, FunctionCallOutput, FunctionCallOutputItem, IncompleteDetails,
-                        InputMessage, OutputMessage, OutputText, ResponseObject, ResponsesRequest, ResponseUsage,
-                        TextConfig, UsageInfo)
+from ..protocol import (ErrorResponse, FunctionCallItem, FunctionCallOutput, FunctionCallOutputItem,
+                        IncompleteDetails, InputMessage, OutputMessage, OutputText, ResponseError, ResponseObject,
+                        ResponsesRequest, ResponseUsage, TextConfig, UsageInfo)
 from .base import Deltas, Handler, dialog_of, sse
 
 Dialog = Tuple[Dict[str, str], ...]
@@ -159,21 +159,25 @@ class ResponsesHandler(Handler):
         self.builder.check_model(body.model)
         earlier = self._stored(body.previous_response_id, "previous_response_id").conversation \
             if body.previous_response_id else ()
-        conversation = (*earlier, *conversation_of(input_messages(body)))
         system = ({"role": "system", "content": body.instructions},) if body.instructions else ()
-        # Off the event loop: a huge request's prompt takes a while to fit and encode.
-        prompts = await asyncio.to_thread(self.builder.chat, body, [*system, *conversation], body.max_output_tokens,
-                                          truncate=body.truncation == "auto", max_tokens_param="max_output_tokens",
-                                          structured=structured_fields(body))
+
+        def build() -> Tuple[Dialog, List[Prompt]]:  # off the event loop: a huge input takes a while to read and fit
+            conversation = (*earlier, *conversation_of(input_messages(body)))
+            return conversation, self.builder.chat(body, [*system, *conversation], body.max_output_tokens,
+                                                   truncate=body.truncation == "auto",
+                                                   max_tokens_param="max_output_tokens",
+                                                   structured=structured_fields(body))
+
+        conversation, prompts = await asyncio.to_thread(build)
         response_id, item_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
         deltas = self.generation.run(prompts, whole=not body.stream)
-        if body.stream and prompts[0].tools is not None:
-            # Calls are known only at the end: the answer is collected, then told as the same events.
-            return self.streaming(self._events_at_end(body, prompts[0], conversation, response_id, item_id, deltas),
-                                  done=False)
         if body.stream:
-            return self.streaming(self._events(body, prompts[0], conversation, response_id, item_id, deltas),
-                                  done=False)
+            created, event = int(time.time()), _event_writer()
+            # Calls are known only at the end: with tools the answer is collected, then told as the same events.
+            events = self._events_at_end if prompts[0].tools is not None else self._events
+            return self.streaming(events(body, prompts[0], conversation, response_id, item_id, deltas, created, event),
+                                  done=False, failed=lambda error: event("response.failed", response=self._response(
+                                      body, response_id, created, status="failed", error=response_error(error))))
         choices = await self.until_disconnected(request, collect(deltas, 1))
         if choices is None:
             return self.client_gone()
@@ -220,8 +224,7 @@ class ResponsesHandler(Handler):
         return response
 
     async def _events(self, body: ResponsesRequest, prompt: Prompt, conversation: Dialog, response_id: str,
-                      item_id: str, deltas: Deltas) -> AsyncIterator[str]:
-        created, event = int(time.time()), _event_writer()
+                      item_id: str, deltas: Deltas, created: int, event: Callable[..., str]) -> AsyncIterator[str]:
         started = self._response(body, response_id, created, status="in_progress")
         yield event("response.created", response=started)
         yield event("response.in_progress", response=started)
@@ -245,10 +248,10 @@ class ResponsesHandler(Handler):
 
 
     async def _events_at_end(self, body: ResponsesRequest, prompt: Prompt, conversation: Dialog, response_id: str,
-                             item_id: str, deltas: Deltas) -> AsyncIterator[str]:
+                             item_id: str, deltas: Deltas, created: int,
+                             event: Callable[..., str]) -> AsyncIterator[str]:
         """The Responses events of an answer collected whole: each output item (message or function call)
         added, its text or arguments in one delta, done."""
-        created, event = int(time.time()), _event_writer()
         started = self._response(body, response_id, created, status="in_progress")
         yield event("response.created", response=started)
         yield event("response.in_progress", response=started)
@@ -275,6 +278,18 @@ class ResponsesHandler(Handler):
             yield event("response.output_item.done", output_index=index, item=item)
         yield event("response.completed" if finished.status == "completed" else "response.incomplete",
                     response=finished)
+
+
+def response_error(error: ErrorResponse) -> ResponseError:
+    """OpenAI's error body as a failed response's ``error``: a request the model cannot take is an
+    ``invalid_prompt``; the server's own failures (engine, replica, shutdown) a ``server_error``.
+
+    Example:
+        >>> response_error(ErrorResponse.of("The server failed while generating.", "server_error"))
+        ResponseError(code='server_error', message='The server failed while generating.')
+    """
+    code = "invalid_prompt" if error.error.type == "invalid_request_error" else "server_error"
+    return ResponseError(code=code, message=error.error.message)
 
 
 def _plain(value: Any) -> Any:
