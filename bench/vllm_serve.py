@@ -104,12 +104,6 @@ def phase(client: openai.OpenAI, model: str, prompts: Sequence[List[int]], max_t
     return sum(n for _, n in results) / elapsed, [ttft for ttft, _ in results]
 
 
-def listener(port: int) -> psutil.Process:
-    """The process listening on ``port``: the HTTP server's own, whose engine processes are its children."""
-    return next(psutil.Process(c.pid) for c in psutil.net_connections("tcp")
-                if c.status == psutil.CONN_LISTEN and c.laddr.port == port)
-
-
 def cpu_seconds(process: psutil.Process) -> float:
     """User + system CPU seconds of the HTTP server's process (its threads; not vLLM's engine-core child)."""
     times = process.cpu_times()
@@ -149,15 +143,16 @@ def main() -> int:
         ours = [sys.executable, "-m", "modelscope_llama2", "serve", "--engine", "vllm", "--model", model_dir,
                 "--dtype", "float32", "--port", str(port), "--api-key", key, "--served-model-name", "bench",
                 "--max-running", str(args.clients)]
-        targets = [("serve --engine vllm", servers.enter_context(server(ours, port, args.start_timeout)), port)]
+        # (name, URL, pid of the HTTP server's process: vLLM's engine core is its child)
+        targets = [("serve --engine vllm", *servers.enter_context(server(ours, port, args.start_timeout)))]
         port = free_port()  # started once ours answers: two vLLM start-ups at once starve 2 cores
         theirs = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
                   "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port), "--api-key", key,
                   "--served-model-name", "bench", "--enable-prefix-caching"]
-        targets.append(("vllm api_server", servers.enter_context(server(theirs, port, args.start_timeout)), port))
+        targets.append(("vllm api_server", *servers.enter_context(server(theirs, port, args.start_timeout))))
         clients = {name: openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=600)
                    for name, url, _ in targets}
-        processes = {name: listener(port) for name, _, port in targets}
+        processes = {name: psutil.Process(pid) for name, _, pid in targets}
 
         answers = {name: [answer_ids(client, "bench", ids, args.max_tokens) for ids in prompts[:len(QUESTIONS)]]
                    for name, client in clients.items()}  # doubles as the warm-up
