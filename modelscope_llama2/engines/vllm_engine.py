@@ -10,8 +10,10 @@ exactly what the package's chat format built.
 
 ``AsyncLLM`` runs on an event loop in a background thread; ``generate()``
 may be called from any number of threads at once, and vLLM batches all their
-requests together. Transformers-style sampling settings are mapped to
-vLLM's :class:`vllm.SamplingParams` (:func:`vllm_sampling_params`); those
+requests together. ``submit(prompt, on_event)`` (what the server uses) hands
+each event to a callback on that thread instead: no thread per request, and
+one thread hand-off less per token. Transformers-style sampling settings are
+mapped to vLLM's :class:`vllm.SamplingParams` (:func:`vllm_sampling_params`); those
 vLLM lacks are refused by :meth:`~.base.Engine.check_sampling`. Settings a
 request leaves out come from the checkpoint's ``generation_config.json``,
 as transformers' ``generate()`` takes them.
@@ -35,16 +37,19 @@ runs the same on the demo checkpoint:
 
 import asyncio
 import dataclasses
+import logging
 import os
 import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from ..constants import EOS_ID, PENALTY_OPTIONS
 from ..prompts.prompt import Prompt, SamplingParams
 from .base import Engine, TokenEvent, TokenLogprob, Usage
+
+logger = logging.getLogger(__name__)
 
 INSTALL_HINT = (
     "the vLLM engine needs vLLM: `pip install vllm` (or `pip install -e \".[vllm]\"`) on a CUDA machine, "
@@ -160,6 +165,20 @@ class VllmEngine(Engine):
         self._claim_ids([prompt.request_id for prompt in prompts])
         return self._events(prompts, params)
 
+    def submit(self, prompt: Prompt, on_event: Callable[[TokenEvent], None]) -> None:
+        """Start generating for ``prompt``; ``on_event`` gets its events on the engine's event-loop thread.
+
+        The last event has ``finish_reason`` (``'error'`` when vLLM failed
+        the request; the cause is logged). ``on_event`` must return quickly:
+        it runs on the thread that receives every request's outputs. Bad
+        input raises here, before anything reaches vLLM.
+        """
+        if self.async_llm is None:
+            raise RuntimeError("submit: this vLLM engine is closed")
+        params = self._checked(prompt, 0)
+        self._claim_ids([prompt.request_id])
+        self._loop.call_soon_threadsafe(self._submit, [prompt], [params], on_event, True)
+
     def abort(self, request_id: str) -> None:
         """Stop ``request_id``; its last event has ``finish_reason='abort'``. Safe from any thread."""
         with self._ids_lock:
@@ -234,7 +253,7 @@ class VllmEngine(Engine):
     def _events(self, prompts: List[Prompt], params: List[Any]) -> Iterator[TokenEvent]:
         sink: "queue.SimpleQueue" = queue.SimpleQueue()
         pending = {prompt.request_id for prompt in prompts}
-        self._loop.call_soon_threadsafe(self._submit, prompts, params, sink)
+        self._loop.call_soon_threadsafe(self._submit, prompts, params, sink.put, False)
         try:
             while pending:
                 item = sink.get()
@@ -253,9 +272,9 @@ class VllmEngine(Engine):
 
     # -- the event loop's thread -----------------------------------------------
 
-    def _submit(self, prompts: List[Prompt], params: List[Any], sink: "queue.SimpleQueue") -> None:
+    def _submit(self, prompts: List[Prompt], params: List[Any], emit: Callable[[Any], None], pushed: bool) -> None:
         for prompt, sampling in zip(prompts, params):
-            request = _Request(prompt, sink, aborted=self._abort_requested(prompt.request_id))
+            request = _Request(prompt, emit, pushed, aborted=self._abort_requested(prompt.request_id))
             self._active[prompt.request_id] = request
             request.task = self._loop.create_task(self._run(request, sampling))
 
@@ -284,20 +303,27 @@ class VllmEngine(Engine):
                     reason = request.take(output)
         except asyncio.CancelledError:
             reason = "abort"
-        except Exception as error:  # re-raised in the consumer's thread
-            request.sink.put(error)
-            reason = "abort"
+        except Exception as error:
+            if request.pushed:  # submit(): the request ends with 'error', as the engine contract says
+                logger.exception("vLLM failed request %s", prompt.request_id)
+                reason = "error"
+            else:  # generate(): re-raised in the consumer's thread
+                request.emit(error)
+                reason = "abort"
         finally:
             self._active.pop(prompt.request_id, None)
+        if request.pushed:  # nothing else holds the id: free it before the consumer hears the end
+            self._release_ids([prompt.request_id])
         request.finish(reason or "abort")
 
 
 @dataclass
 class _Request:
-    """One request in flight: where its events go, and what it has produced."""
+    """One request in flight: where its events go (``pushed``: to a ``submit()`` callback), what it has produced."""
 
     prompt: Prompt
-    sink: "queue.SimpleQueue"
+    emit: Callable[[Any], None]
+    pushed: bool
     aborted: bool = False
     task: Optional["asyncio.Task"] = None
     started: bool = False
@@ -326,12 +352,12 @@ class _Request:
         if reason is not None:
             self.held, self.held_logprobs = ids, logprobs
         elif ids:
-            self.sink.put(self._event(ids, logprobs))
+            self.emit(self._event(ids, logprobs))
         return reason
 
     def finish(self, reason: str) -> None:
         usage = Usage(len(self.prompt.token_ids), self.count, self.cached)
-        self.sink.put(self._event(self.held, self.held_logprobs, reason, usage))
+        self.emit(self._event(self.held, self.held_logprobs, reason, usage))
 
     def _event(self, ids: tuple, logprobs: tuple, reason: Optional[str] = None,
                usage: Optional[Usage] = None) -> TokenEvent:

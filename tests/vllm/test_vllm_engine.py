@@ -274,3 +274,42 @@ def test_left_out_settings_fall_back_as_in_transformers(vllm_engine, vllm_model_
     GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9).save_pretrained(tmp_path)
     assert checkpoint_sampling_defaults(str(tmp_path)) == {**TRANSFORMERS_DEFAULTS, "do_sample": True,
                                                            "temperature": 0.6, "top_p": 0.9}
+
+
+def submitted(engine, p, abort_after=None):
+    """``(token ids, final event, names of the threads that delivered)`` of one ``submit()`` request."""
+    ids, finals, threads, done = [], [], set(), threading.Event()
+
+    def on_event(event):
+        assert not finals, "no event after a request's last one"
+        threads.add(threading.current_thread().name)
+        ids.extend(event.token_ids)
+        if abort_after is not None and len(ids) >= abort_after:
+            engine.abort(p.request_id)
+        if event.finished:
+            finals.append(event)
+            done.set()
+
+    engine.submit(p, on_event)
+    assert done.wait(300)
+    return ids, finals[0], threads
+
+
+def test_submit_pushes_generate_s_events_from_the_engine_s_thread(vllm_engine, demo_tokenizer):
+    for dialog in ANSWERED[:3]:
+        p = prompt(chat_ids(demo_tokenizer, *dialog), max_new_tokens=48)
+        expected, expected_final = run(vllm_engine, [p])[p.request_id]  # the id is free again afterwards
+        ids, final, threads = submitted(vllm_engine, p)
+        assert (ids, final.finish_reason, final.usage) == (expected, expected_final.finish_reason,
+                                                           expected_final.usage)
+        assert threads == {"modelscope-llama2-vllm"}  # no thread per request
+    ids, final, _ = submitted(vllm_engine, p)  # a finished request's id may be used again
+    assert ids == expected
+
+
+def test_submit_abort_and_bad_input(vllm_engine, demo_tokenizer, received_prompts):
+    ids, final, _ = submitted(vllm_engine, long_prompt(demo_tokenizer), abort_after=3)
+    assert final.finish_reason == "abort" and 3 <= final.usage.completion_tokens < 1000
+    with pytest.raises(ValueError, match=r"token_ids: 1000000 is not a token id"):
+        vllm_engine.submit(prompt([1, 10 ** 6]), lambda event: None)
+    assert len(received_prompts) == 1  # only the aborted request reached vLLM
