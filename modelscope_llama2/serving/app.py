@@ -74,6 +74,11 @@ class Drain:
         asyncio.get_running_loop().call_later(timeout, self.generation.fail_all,
                                               BackendUnavailable("the server is shutting down; send it again"))
 
+    async def ended(self, poll_s: float = 0.05) -> None:
+        """Return once no request is generating (after :meth:`begin`: within its timeout)."""
+        while self.generation.in_flight:
+            await asyncio.sleep(poll_s)
+
 
 def create_app(backend: Backend, config: ServerConfig) -> Any:
     """The OpenAI-compatible app over ``backend``, behind its guard; see the module doc."""

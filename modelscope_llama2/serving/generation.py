@@ -53,6 +53,11 @@ class Generation:
         """Raise ``error`` for every request from now on (the server is draining)."""
         self._refusal = error
 
+    @property
+    def in_flight(self) -> int:
+        """Requests generating now (each until its consumer has had its last delta or its error)."""
+        return len(self._outlets)
+
     def fail_all(self, error: Exception) -> None:
         """End every request generating now with ``error`` (raised to its consumer): the drain timeout passed."""
         for queue in self._outlets:

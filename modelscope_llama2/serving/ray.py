@@ -59,6 +59,7 @@ from .backend import Backend, BackendUnavailable, LocalBackend
 from .metrics import PREFIX
 from .app import create_app
 from .config import ServerConfig
+from .server import drain_of
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ APP_NAME = "modelscope-llama2"
 MODEL_DEPLOYMENT = "Llama2Replica"
 INGRESS_DEPLOYMENT = "OpenAIIngress"
 ROUTERS = ("affinity", "default")
+
+# Seconds past the drain timeout the ingress may take to end its last requests before the app is stopped anyway.
+DRAIN_GRACE_S = 10.0
 
 # What Serve raises when the replica serving a call is gone.
 REPLICA_LOST = (RayActorError, ReplicaUnavailableError)
@@ -425,11 +429,24 @@ class OpenAIIngress:
 
     async def __init__(self, model: DeploymentHandle, config: ServerConfig):
         card = await model.card.remote()
-        self._backend = RemoteBackend(model, card)
-        self._config = config
+        self._app = create_app(RemoteBackend(model, card), config)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self._backend, self._config)
+        return self._app
+
+    async def drain(self, timeout: float) -> None:
+        """The single-process server's graceful shutdown: called by :func:`run` before Serve stops the app.
+
+        New requests get 503 at once (``/health`` too); requests still
+        generating after ``timeout`` seconds end with an error (a stream: an
+        error event and ``[DONE]``). Returns once none is generating. Serve's
+        own shutdown then waits (``graceful_shutdown_timeout_s``) for the
+        last bytes to go out; without this call it would cut the streams
+        still running at its end with nothing.
+        """
+        drain = drain_of(self._app)
+        drain.begin(timeout)
+        await drain.ended()
 
 
 def build_application(engine: EngineSpec, config: ServerConfig, scale: ScaleSpec):
@@ -452,18 +469,26 @@ def run(engine: EngineSpec, config: ServerConfig, scale: ScaleSpec, host: str = 
     """Serve on Ray until Ctrl-C or SIGTERM: a local Ray instance, or the cluster at ``ray_address`` (``auto``: this machine's).
 
     Serve's HTTP proxy listens on ``host:port`` of the head node; a line on
-    stderr says when the application is ready. On the way out (also while
-    still starting) the application is deleted; a local instance is shut
-    down, a joined cluster keeps running.
+    stderr says when the application is ready. On the way out the ingress
+    drains first (:meth:`OpenAIIngress.drain`: requests in flight get
+    ``scale.graceful_shutdown_timeout_s`` seconds, then an error event and
+    ``[DONE]``), then the application is deleted (also when stopped while it
+    deploys); a local instance is shut down, a joined cluster keeps running.
+    Exits normally on Ctrl-C and on SIGTERM, also while starting.
     """
     import ray
 
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     joined = ray_address is not None
-    ray.init(address=ray_address) if joined else ray.init(include_dashboard=False)
+    previous = signal.getsignal(signal.SIGTERM)
+    started = serving = False
     try:
+        ray.init(address=ray_address) if joined else ray.init(include_dashboard=False)
+        # After ray.init, which installs its own SIGTERM handler (sys.exit: no drain, exit status 15).
+        signal.signal(signal.SIGTERM, _interrupt)
         serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        started = True
         serve.run(build_application(engine, config, scale), name=app_name, route_prefix="/")
+        serving = True
         print(f"serving {config.served_model_name} on http://{host}:{port}/v1 with {scale.replicas} replica(s) "
               f"on Ray Serve; Ctrl-C to stop", file=sys.stderr, flush=True)
         while True:
@@ -471,12 +496,30 @@ def run(engine: EngineSpec, config: ServerConfig, scale: ScaleSpec, host: str = 
     except KeyboardInterrupt:
         pass  # how this command stops
     finally:
-        if joined:
-            serve.delete(app_name)
-        else:
-            serve.shutdown()
-        ray.shutdown()
-        signal.signal(signal.SIGTERM, previous)
+        try:
+            if serving:
+                _drain(app_name, scale.graceful_shutdown_timeout_s)
+        finally:
+            # Stopped before Serve was up, nothing of ours runs there, and asking Serve would block on (or
+            # fail for want of) a controller still starting: ray.shutdown() alone ends a local instance.
+            if started:
+                serve.delete(app_name)
+                if not joined:
+                    serve.shutdown()
+            ray.shutdown()
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _drain(app_name: str, timeout: float) -> None:
+    """The ingress's :meth:`OpenAIIngress.drain`; a second Ctrl-C or SIGTERM stops waiting for it."""
+    print(f"stopping: requests in flight have {timeout:g} s to finish (Ctrl-C again: stop now)", file=sys.stderr,
+          flush=True)
+    try:
+        serve.get_app_handle(app_name).drain.remote(timeout).result(timeout_s=timeout + DRAIN_GRACE_S)
+    except KeyboardInterrupt:
+        pass
+    except Exception:  # the app is stopped all the same; what went wrong is in the log
+        logger.exception("draining the requests in flight failed")
 
 
 def _interrupt(*_: Any) -> None:

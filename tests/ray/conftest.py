@@ -41,12 +41,21 @@ def ray_cluster(tmp_path_factory):
 
     token = Path.home() / ".ray" / "auth_token"
     token_existed = token.exists()
-    saved = {key: os.environ.get(key) for key in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_memory_monitor_refresh_ms")}
+    saved = {key: os.environ.get(key) for key in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_memory_monitor_refresh_ms",
+                                                  "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_worker_niceness")}
     # Short path: Ray's unix sockets live under it (108-byte limit).
     os.environ["RAY_TMPDIR"] = str(tmp_path_factory.mktemp("ray"))
     os.environ["RAY_AUTH_MODE"] = "disabled"
     # Ray's OOM killer judges the whole machine's memory, which other work on a shared box fills.
     os.environ["RAY_memory_monitor_refresh_ms"] = "0"
+    # Ray lowers its workers (Serve's controller, proxy, replicas) to niceness 15: beside any process of normal
+    # priority (another CI step, another job on a shared machine) they get almost no CPU, and what takes Serve
+    # seconds takes minutes (the CLI once had not stopped 120 s after Ctrl-C; with two busy processes beside it,
+    # its app was not up after 180 s). The workers inherit this variable from the nodes started below.
+    os.environ["RAY_worker_niceness"] = "0"
+    # Serve kills a proxy not ready within 5 s and the serve.start() waiting on it fails: a loaded 2-core
+    # machine takes longer to start its Python worker and import uvicorn (the workers inherit this variable).
+    os.environ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "60"
     cluster = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
     try:
         cluster.add_node(**NODE)

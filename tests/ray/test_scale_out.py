@@ -131,6 +131,36 @@ def test_answers_equal_the_single_process_server(scaled, local):
         assert errors[0] == errors[1]
 
 
+def test_logprobs_through_a_replica_equal_the_single_process_server(scaled, local):
+    # The logprobs ride on the replica's deltas through Ray (tests/test_serve_logprobs.py checks the local
+    # server's against a plain forward).
+    messages = opening(QUESTIONS[1])
+
+    def chat(client, stream):
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, logprobs=True,
+                                               top_logprobs=3, stream=stream, **GREEDY)
+        choices = [c.choices[0] for c in reply if c.choices] if stream else reply.choices
+        return [item for choice in choices if choice.logprobs for item in choice.logprobs.content]
+
+    def scored(client):
+        choice = client.completions.create(model=MODEL, prompt="The capital of Zhejiang is", max_tokens=4, echo=True,
+                                           logprobs=2, **GREEDY).choices[0]
+        return choice.logprobs
+
+    for stream in (False, True):
+        remote, here = chat(scaled, stream), chat(local, stream)
+        assert len(here) == 12
+        assert [(c.token, c.bytes, [t.token for t in c.top_logprobs]) for c in remote] == \
+            [(c.token, c.bytes, [t.token for t in c.top_logprobs]) for c in here]
+        assert [x for c in remote for x in (c.logprob, *(t.logprob for t in c.top_logprobs))] == pytest.approx(
+            [x for c in here for x in (c.logprob, *(t.logprob for t in c.top_logprobs))], abs=1e-4)
+    remote, here = scored(scaled), scored(local)
+    assert (remote.tokens, remote.text_offset) == (here.tokens, here.text_offset)
+    assert remote.token_logprobs[0] is None and remote.token_logprobs[1:] == pytest.approx(here.token_logprobs[1:],
+                                                                                           abs=1e-4)
+    assert [sorted(top) for top in remote.top_logprobs[1:]] == [sorted(top) for top in here.top_logprobs[1:]]
+
+
 def test_every_turn_of_a_conversation_lands_on_its_replica(scaled, scaled_url, expected_rank):
     conversations = [opening(question) for question in QUESTIONS[:6]]
     replicas = [set() for _ in conversations]
@@ -245,3 +275,4 @@ def test_a_whole_answer_whose_replica_dies_mid_generation_is_retried(scaled, loc
         text, finish_reason, _ = result.result(timeout=300)
     assert (text, finish_reason) == (expected, "length")
     assert metric_value(metrics(scaled_url), "modelscope_llama2_replica_retries") > retries_before
+

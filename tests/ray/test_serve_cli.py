@@ -4,10 +4,13 @@ Runs after ``test_scale_out.py`` (it replaces that module's Serve instance
 with the one the CLI starts on its own port).
 """
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import httpx
 import openai
@@ -56,35 +59,122 @@ def test_ray_flags_need_replicas():
         "error: --ray-address: only applies with --replicas N (scale-out on Ray Serve)"
 
 
-def test_serve_replicas_joins_a_running_cluster(ray_cluster, tiny_dir, tmp_path):
+DRAIN_S = 2
+
+
+def launch(cluster, model_dir, tmp_path):
+    """``serve --replicas 2`` joining the test cluster, a 2 s drain: ``(url, process, log path)``, just started."""
     from ray import serve
 
     serve.shutdown()  # the CLI starts Serve itself, its proxy on the port it is given
     port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    command = [sys.executable, "-m", "modelscope_llama2", "serve", "--model", tiny_dir, "--served-model-name",
-               "tiny", "--replicas", "2", "--replica-cpus", "0.5", "--ray-address", ray_cluster.address,
-               "--port", str(port), "--api-key", "sk-test"]
-    cli = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
+    path = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "modelscope_llama2", "serve", "--model", model_dir, "--served-model-name",
+               "tiny", "--replicas", "2", "--replica-cpus", "0.5", "--ray-address", cluster.address,
+               "--port", str(port), "--api-key", "sk-test", "--drain-timeout", str(DRAIN_S)]
+    with open(path, "w") as log:
+        cli = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    return f"http://127.0.0.1:{port}", cli, path
+
+
+@pytest.fixture
+def serve_cli(ray_cluster, tiny_dir, tmp_path):
+    """The CLI of :func:`launch`, its application ready."""
+    url, cli, path = launch(ray_cluster, tiny_dir, tmp_path)
     try:
         def ready():
-            output = (tmp_path / "serve.log").read_text()
-            assert cli.poll() is None, output[-3000:]
-            return f"serving tiny on {url}/v1 with 2 replica(s)" in output
+            assert cli.poll() is None, path.read_text()[-3000:]
+            return f"serving tiny on {url}/v1 with 2 replica(s)" in path.read_text()
 
         wait_for(ready, 180, "the CLI to report its application ready")
-        assert httpx.get(url + "/health", timeout=30).status_code == 200
-        client = openai.OpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0, timeout=120)
-        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello there"}],
-                                               max_tokens=8, temperature=0)
-        assert reply.usage.completion_tokens > 0 and reply.choices[0].finish_reason in ("stop", "length")
-        with pytest.raises(openai.AuthenticationError):  # the API key covers the scaled-out app too
-            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        yield url, cli, path
     finally:
-        cli.send_signal(signal.SIGINT)
-        returncode = cli.wait(timeout=120)
-        log.close()
-    assert returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        if cli.poll() is None:  # not stopped by the test (it failed): no Ctrl-C, whose wait would hide why
+            cli.kill()
+            cli.wait(30)
+
+
+def app_deployed():
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return APP_NAME in serve.status().applications
+    except RayServeException:  # no Serve instance at all
+        return False
+
+
+def stop_with_streams_in_flight(url, cli, signum):
+    """Four long streams running, then ``signum``: ``(SSE data lines of each stream, exit code, seconds to exit)``."""
+    bodies, started = [None] * 4, threading.Barrier(5)
+
+    def stream(i):
+        with httpx.Client(timeout=120, headers={"Authorization": "Bearer sk-test"}) as client:
+            with client.stream("POST", url + "/v1/completions", json={
+                    "model": "tiny", "prompt": f"stream {i}", "max_tokens": 3000, "temperature": 0,
+                    "ignore_eos": True, "stream": True}) as reply:
+                lines = reply.iter_lines()
+                first = next(lines)
+                started.wait()
+                bodies[i] = [line[6:] for line in [first, *lines] if line.startswith("data: ")]
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    started.wait(120)
+    signalled = time.monotonic()
+    cli.send_signal(signum)
+    code = cli.wait(120)
+    exited = time.monotonic() - signalled
+    for thread in threads:
+        thread.join(30)
+    return bodies, code, exited
+
+
+def assert_drained(bodies):
+    """Every stream ended with the drain's error event, then ``[DONE]`` (issue 19)."""
+    for events in bodies:
+        assert events and events[-1] == "[DONE]", events[-3:]
+        assert json.loads(events[-2])["error"]["type"] == "service_unavailable_error", events[-3:]
+
+
+def test_serve_replicas_joins_a_running_cluster_and_drains_on_ctrl_c(serve_cli):
+    url, cli, log = serve_cli
+    assert httpx.get(url + "/health", timeout=30).status_code == 200
+    client = openai.OpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0, timeout=120)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello there"}],
+                                           max_tokens=8, temperature=0)
+    assert reply.usage.completion_tokens > 0 and reply.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.AuthenticationError):  # the API key covers the scaled-out app too
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    bodies, code, exited = stop_with_streams_in_flight(url, cli, signal.SIGINT)
+    assert code == 0, log.read_text()[-3000:]
+    assert_drained(bodies)
+    # A bound against hangs (Serve's own shutdown takes a few seconds more on a loaded machine), not a timing.
+    assert exited < DRAIN_S + 60, log.read_text()[-3000:]
     # It removed its application and left the cluster it joined running.
-    assert APP_NAME not in serve.status().applications
+    assert not app_deployed()
+
+
+def test_sigterm_drains_the_replicas_streams_and_exits_cleanly(serve_cli):
+    url, cli, log = serve_cli
+    bodies, code, exited = stop_with_streams_in_flight(url, cli, signal.SIGTERM)
+    assert code in (0, -signal.SIGTERM), log.read_text()[-3000:]
+    assert_drained(bodies)
+    assert exited < DRAIN_S + 60, log.read_text()[-3000:]
+
+
+def test_ctrl_c_while_starting_exits_cleanly(ray_cluster, tiny_dir, tmp_path):
+    # Ctrl-C as Serve starts: the command used to ask Serve to delete its app with no controller up yet (a
+    # traceback and status 1), or to block on a controller still starting.
+    _, cli, log = launch(ray_cluster, tiny_dir, tmp_path)
+    try:
+        wait_for(lambda: "Connected to Ray cluster" in log.read_text(), 120, "the CLI to join the cluster")
+        cli.send_signal(signal.SIGINT)
+        code = cli.wait(60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(30)
+    assert code == 0 and "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    assert not app_deployed()
