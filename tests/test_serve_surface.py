@@ -3,6 +3,7 @@
 What clients send that carries no meaning for generation (Gradio's
 ``metadata``/``options``, a speaker ``name``, the ``developer`` role, a
 ``null`` assistant content) gives the same Meta-exact prompt as without it;
+two ``user`` messages in a row are one user turn, joined by a blank line;
 what the model cannot read (images, audio) is a 400 naming the part; the
 answer text is the one ``chat()`` returns; ``/v1/models/{id}``,
 ``/tokenize``, ``/detokenize``, ``/tokenizer_info`` and ``/openapi.json``
@@ -67,6 +68,18 @@ def test_developer_is_the_system_role_and_null_assistant_content_is_empty(client
                  {"role": "user", "content": PLACES}]
     empty = [with_null[0], {"role": "assistant", "content": ""}, with_null[2]]
     assert prompt_ids(client, with_null) == meta_chat_tokens(SP, empty)
+
+
+def test_consecutive_user_messages_are_one_turn(client):
+    # Open WebUI, after a turn that failed, sends the unanswered question again before the next one.
+    resent = [{"role": "user", "content": ZHEJIANG}, {"role": "user", "content": PLACES}]
+    joined = [{"role": "user", "content": f"{ZHEJIANG}\n\n{PLACES}"}]
+    assert prompt_ids(client, resent) == prompt_ids(client, joined) == meta_chat_tokens(SP, joined)
+    later = [{"role": "system", "content": "Be brief."}, *resent, {"role": "assistant", "content": SIGHTS},
+             {"role": "user", "content": "And"}, {"role": "user", "content": "more?"}]
+    assert prompt_ids(client, later) == meta_chat_tokens(SP, [later[0], *joined, later[3],
+                                                              {"role": "user", "content": "And\n\nmore?"}])
+    assert resent[0] == {"role": "user", "content": ZHEJIANG}  # the caller's messages are unchanged
 
 
 @pytest.mark.parametrize("part", [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},

@@ -186,6 +186,28 @@ def dialog_of(messages: Sequence[Any], where: str = "messages", first_index: int
     return dialog
 
 
+def user_runs_joined(dialog: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """``dialog`` with each run of consecutive ``user`` messages as one user turn, their texts joined by a blank line.
+
+    Meta's format alternates user and assistant; OpenAI's API takes two user
+    messages in a row, and clients send them: Open WebUI, after a turn that
+    failed, sends the unanswered question again before the next one (a 400
+    would end that chat for good). Joining them is what Anthropic's API does
+    with consecutive turns of one role. The caller's messages are not changed.
+
+    Example:
+        >>> user_runs_joined([{"role": "user", "content": "Hi"}, {"role": "user", "content": "Where?"}])
+        [{'role': 'user', 'content': 'Hi\\n\\nWhere?'}]
+    """
+    turns: List[Dict[str, Any]] = []
+    for message in dialog:
+        if turns and message["role"] == "user" == turns[-1]["role"]:
+            turns[-1] = {**turns[-1], "content": f"{turns[-1]['content']}\n\n{message['content']}"}
+        else:
+            turns.append(message)
+    return turns
+
+
 def _text(content: Any, role: str, where: str) -> str:
     if content is None:
         if role == "assistant":
@@ -251,7 +273,7 @@ class RequestBuilder:
             raise APIError(400, f"{max_tokens_param}: {max_tokens} leaves no room for a prompt in this model's "
                                 f"context of {self.context} tokens", param=max_tokens_param,
                            code="context_length_exceeded")
-        inputs: Dict[str, Any] = {"messages": dialog,
+        inputs: Dict[str, Any] = {"messages": user_runs_joined(dialog),
                                   **(structured_inputs(request) if structured is None else structured)}
         if max_tokens is not None:
             inputs["max_new_tokens"] = max_tokens
@@ -270,7 +292,7 @@ class RequestBuilder:
     def chat_ids(self, dialog: List[Dict[str, str]]) -> List[int]:
         """The Meta-exact ids of a whole dialog (no context budget): what ``/tokenize`` answers."""
         try:
-            chat = parse_chat_inputs({"messages": dialog})
+            chat = parse_chat_inputs({"messages": user_runs_joined(dialog)})
         except (TypeError, ValueError) as error:
             raise APIError(400, str(error), param="messages") from None
         tokenizer = self.tokenizer
