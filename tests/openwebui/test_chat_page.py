@@ -20,7 +20,9 @@ from tests.openwebui.conftest import WAIT_MS, access_log
 READ_CHAT = """() => [...document.querySelectorAll('.chat-user, .chat-assistant')].map(e => [
     e.classList.contains('chat-user') ? 'user' : 'assistant',
     (e.querySelector('.markdown-prose') || e).innerText.trim()])"""
-TOOLS_LEFT_OUT = "tool definitions do not fit in the context with the messages; answering without them (tool_choice 'auto')"
+# The server's warning when a request's tools (tool_choice "auto") take more than the context.
+TOOLS_LEFT_OUT = ("tool definitions do not fit in the context with the messages; answering without them "
+                  "(tool_choice 'auto')")
 CHAT = "/v1/chat/completions"
 # What Open WebUI shows as the answer when the server cannot be reached.
 CONNECTION_ERROR = "Open WebUI: Server Connection Error"
