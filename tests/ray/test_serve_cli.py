@@ -161,7 +161,9 @@ def test_sigterm_drains_the_replicas_streams_and_exits_cleanly(serve_cli):
     bodies, code, exited = stop_with_streams_in_flight(url, cli, signal.SIGTERM)
     assert code in (0, -signal.SIGTERM), log.read_text()[-3000:]
     assert_drained(bodies)
-    assert exited < DRAIN_S + 60, log.read_text()[-3000:]
+    # Issue 19 asks for an exit within the drain timeout + 5 s: 4.8-4.9 s here with a 2 s drain (7.0-7.4 s while
+    # Serve polled its stopping replicas every 2 s). The bound is against hangs, with room for a loaded CI machine.
+    assert exited < DRAIN_S + 10, log.read_text()[-3000:]
 
 
 def test_ctrl_c_while_starting_exits_cleanly(ray_cluster, tiny_dir, tmp_path):
