@@ -25,7 +25,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -34,7 +33,9 @@ from typing import Any, Dict, List, Tuple
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from soak import AUTH, KEY, REPO_ROOT, free_port, percentile, poll_health  # noqa: E402
+from soak import AUTH, KEY, REPO_ROOT, percentile, poll_health  # noqa: E402
+
+from modelscope_llama2.serving.process import start_serve  # noqa: E402
 
 TARGET_MS = 100.0
 
@@ -96,25 +97,6 @@ def idle(url: str, seconds: float) -> List[float]:
     return polls
 
 
-def start_server(port: int) -> subprocess.Popen:
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "modelscope_llama2", "serve", "--port", str(port),
-                               "--served-model-name", "demo", "--api-key", KEY],
-                              env={**os.environ, "PYTHONPATH": REPO_ROOT}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise SystemExit("serve did not start")
-        time.sleep(0.3)
-
-
 def row(name: str, polls: List[float], extra: str = "") -> float:
     p99 = percentile(polls, 0.99) * 1000
     print(f"{name:<36} p50 {statistics.median(polls) * 1000:7.1f} ms  p99 {p99:7.1f} ms  "
@@ -128,9 +110,8 @@ def main() -> int:
     parser.add_argument("--only", help="run only the heavy requests whose name contains this")
     args = parser.parse_args()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(port)
+    server, _, url = start_serve(["--served-model-name", "demo", "--api-key", KEY],
+                                 env={**os.environ, "PYTHONPATH": REPO_ROOT})
     results: Dict[str, Tuple[List[float], List[int], List[float]]] = {}
     load_before = os.getloadavg()[0]
     try:

@@ -333,6 +333,47 @@ def running_server(app):
         thread.join(timeout=30)
 
 
+
+def signal_with_streams_in_flight(url: str, process, signum: int, headers: Optional[Dict[str, str]] = None,
+                                  timeout: float = 120) -> Tuple[List[List[str]], int, float]:
+    """Four long streams of model ``tiny`` running on the server ``process`` at ``url``, then ``signum``.
+
+    Returns the SSE ``data:`` payloads of each stream, the exit code and the seconds from the signal to the exit.
+    """
+    import httpx  # the server's test dependency
+
+    bodies: List[List[str]] = [[] for _ in range(4)]
+    started = threading.Barrier(5)
+
+    def stream(i):
+        with httpx.Client(timeout=timeout, headers=headers) as client:
+            with client.stream("POST", url + "/v1/completions", json={
+                    "model": "tiny", "prompt": f"stream {i}", "max_tokens": 3000, "temperature": 0,
+                    "ignore_eos": True, "stream": True}) as reply:
+                lines = reply.iter_lines()
+                first = next(lines)
+                started.wait()
+                bodies[i] = [line[6:] for line in [first, *lines] if line.startswith("data: ")]
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    started.wait(timeout)
+    signalled = time.monotonic()
+    process.send_signal(signum)
+    code = process.wait(timeout)
+    exited = time.monotonic() - signalled
+    for thread in threads:
+        thread.join(30)
+    return bodies, code, exited
+
+
+def assert_drained(bodies: List[List[str]]) -> None:
+    """Every stream ended with the drain's error event, then ``[DONE]`` (issue 19)."""
+    for events in bodies:
+        assert events and events[-1] == "[DONE]", events[-3:]
+        assert json.loads(events[-2])["error"]["type"] == "service_unavailable_error", events[-3:]
+
 # -- code blocks of the documentation ------------------------------------------
 
 DOCS = ["README.md", *sorted(os.path.relpath(path, REPO_ROOT) for path in glob.glob(f"{REPO_ROOT}/docs/*.md"))]

@@ -113,7 +113,7 @@ import httpx
 from modelscope_llama2.constants import DEMO_DIR
 from modelscope_llama2.serving.process import start_serve
 from modelscope_llama2.serving.server import build_app
-from tests.helpers import running_server
+from tests.helpers import assert_drained, running_server, signal_with_streams_in_flight
 
 KEY = "sk-hardening"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -391,33 +391,10 @@ def test_idle_slow_and_stalled_connections_are_closed(serve_process):
 def test_sigterm_drains_every_stream_to_done_and_exits_cleanly(serve_process):
     # Finding 5: streams stopped with no error event and no [DONE]; the process exited 31-35 s later.
     url, _, process = serve_process
-    bodies, started = [None] * 4, threading.Barrier(5)
-
-    def stream(i):
-        with httpx.Client(timeout=60) as client:
-            with client.stream("POST", url + "/v1/completions", json={
-                    "model": "tiny", "prompt": f"stream {i}", "max_tokens": 3000, "temperature": 0,
-                    "ignore_eos": True, "stream": True}) as reply:
-                lines = reply.iter_lines()
-                first = next(lines)
-                started.wait()
-                bodies[i] = [first, *lines]
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    started.wait(60)
-    signalled = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    code = process.wait(30)
-    for thread in threads:
-        thread.join(10)
-    assert time.monotonic() - signalled < 2 + 5, "not within the drain timeout + 5 s"
+    bodies, code, exited = signal_with_streams_in_flight(url, process, signal.SIGTERM, timeout=60)
+    assert exited < 2 + 5, "not within the drain timeout + 5 s"
     assert code in (0, -signal.SIGTERM), process.stderr.read()[-2000:]
-    for body in bodies:
-        events = [line[6:] for line in body if line.startswith("data: ")]
-        assert events and events[-1] == "[DONE]", (body[:3], body[-3:])
-        assert json.loads(events[-2])["error"]["type"] == "service_unavailable_error"
+    assert_drained(bodies)
 
 
 @pytest.mark.parametrize("size", [10, 200_000])  # FastAPI's path, and the one validating off the loop

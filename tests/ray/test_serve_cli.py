@@ -4,19 +4,17 @@ Runs after ``test_scale_out.py`` (it replaces that module's Serve instance
 with the one the CLI starts on its own port).
 """
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import httpx
 import openai
 import pytest
 
 from modelscope_llama2.serving.ray import APP_NAME, ScaleSpec
+from tests.helpers import assert_drained, signal_with_streams_in_flight
 from tests.ray.conftest import free_port, wait_for
 
 pytestmark = pytest.mark.ray
@@ -60,6 +58,7 @@ def test_ray_flags_need_replicas():
 
 
 DRAIN_S = 2
+KEY_HEADER = {"Authorization": "Bearer sk-test"}
 
 
 def launch(cluster, model_dir, tmp_path):
@@ -104,40 +103,6 @@ def app_deployed():
         return False
 
 
-def stop_with_streams_in_flight(url, cli, signum):
-    """Four long streams running, then ``signum``: ``(SSE data lines of each stream, exit code, seconds to exit)``."""
-    bodies, started = [None] * 4, threading.Barrier(5)
-
-    def stream(i):
-        with httpx.Client(timeout=120, headers={"Authorization": "Bearer sk-test"}) as client:
-            with client.stream("POST", url + "/v1/completions", json={
-                    "model": "tiny", "prompt": f"stream {i}", "max_tokens": 3000, "temperature": 0,
-                    "ignore_eos": True, "stream": True}) as reply:
-                lines = reply.iter_lines()
-                first = next(lines)
-                started.wait()
-                bodies[i] = [line[6:] for line in [first, *lines] if line.startswith("data: ")]
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    started.wait(120)
-    signalled = time.monotonic()
-    cli.send_signal(signum)
-    code = cli.wait(120)
-    exited = time.monotonic() - signalled
-    for thread in threads:
-        thread.join(30)
-    return bodies, code, exited
-
-
-def assert_drained(bodies):
-    """Every stream ended with the drain's error event, then ``[DONE]`` (issue 19)."""
-    for events in bodies:
-        assert events and events[-1] == "[DONE]", events[-3:]
-        assert json.loads(events[-2])["error"]["type"] == "service_unavailable_error", events[-3:]
-
-
 def test_serve_replicas_joins_a_running_cluster_and_drains_on_ctrl_c(serve_cli):
     url, cli, log = serve_cli
     assert httpx.get(url + "/health", timeout=30).status_code == 200
@@ -147,7 +112,7 @@ def test_serve_replicas_joins_a_running_cluster_and_drains_on_ctrl_c(serve_cli):
     assert reply.usage.completion_tokens > 0 and reply.choices[0].finish_reason in ("stop", "length")
     with pytest.raises(openai.AuthenticationError):  # the API key covers the scaled-out app too
         openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
-    bodies, code, exited = stop_with_streams_in_flight(url, cli, signal.SIGINT)
+    bodies, code, exited = signal_with_streams_in_flight(url, cli, signal.SIGINT, KEY_HEADER)
     assert code == 0, log.read_text()[-3000:]
     assert_drained(bodies)
     # A bound against hangs (Serve's own shutdown takes a few seconds more on a loaded machine), not a timing.
@@ -158,10 +123,12 @@ def test_serve_replicas_joins_a_running_cluster_and_drains_on_ctrl_c(serve_cli):
 
 def test_sigterm_drains_the_replicas_streams_and_exits_cleanly(serve_cli):
     url, cli, log = serve_cli
-    bodies, code, exited = stop_with_streams_in_flight(url, cli, signal.SIGTERM)
+    bodies, code, exited = signal_with_streams_in_flight(url, cli, signal.SIGTERM, KEY_HEADER)
     assert code in (0, -signal.SIGTERM), log.read_text()[-3000:]
     assert_drained(bodies)
-    assert exited < DRAIN_S + 60, log.read_text()[-3000:]
+    # Issue 19 asks for an exit within the drain timeout + 5 s: 4.8-4.9 s here with a 2 s drain (7.0-7.4 s while
+    # Serve polled its stopping replicas every 2 s). The bound is against hangs, with room for a loaded CI machine.
+    assert exited < DRAIN_S + 10, log.read_text()[-3000:]
 
 
 def test_ctrl_c_while_starting_exits_cleanly(ray_cluster, tiny_dir, tmp_path):

@@ -311,10 +311,11 @@ class BatchingEngine(Engine):
         input_ids = torch.tensor([r.feed[:n] + [PAD_ID] * (q - n) for r, n in zip(requests, counts)], device=device)
         positions = torch.tensor([r.length for r in requests], device=device)[:, None] + torch.arange(q, device=device)
         kv_len = max(r.length for r in requests) + q
-        self._history[torch.tensor(slots, device=device)[:, None], positions] = input_ids
+        if any(r.params.needs_history for r in requests):  # the ids so far, for penalties
+            self._history[torch.tensor(slots, device=device)[:, None], positions] = input_ids
         visible = torch.arange(kv_len, device=device)[None, None, :] <= positions[:, :, None]
-        mask = torch.zeros(visible.shape, dtype=self.model.dtype, device=device)
-        mask = mask.masked_fill(~visible, torch.finfo(self.model.dtype).min)[:, None]
+        mask = torch.full(visible.shape, torch.finfo(self.model.dtype).min, dtype=self.model.dtype, device=device)
+        mask = mask.masked_fill_(visible, 0.0)[:, None]
         kwargs = {self._cache_key: self.kv.step(slots, positions, kv_len)}
         # Each row's last real position predicts its next token; a request scoring its prompt keeps them all.
         last = sorted(set(n - 1 for n in counts))
