@@ -36,7 +36,7 @@ if [[ ! -f "$STAMP" ]]; then
 else
   echo "reusing $VENV"
 fi
-"$VENV/bin/open-webui" --version
+"$VENV/bin/python" -c "from importlib.metadata import version as v; print('open-webui', v('open-webui'), '| torch', v('torch'))"
 # Playwright drives /usr/bin/chromium (executable_path); `playwright install` is never run.
 python -m pip install -q playwright
 MODELSCOPE_LLAMA2_OPENWEBUI_VENV="$VENV" python -m pytest -q tests/openwebui
