@@ -46,7 +46,7 @@ from ..base import Engine, EventBuffer, TokenEvent, TokenLogprob, Usage
 from ..logits import raw_logprobs, token_logprob
 from ..prefix_cache import common_prefix_length
 from ..transformers_engine import check_token_ids
-from .forward import PackedStep, attention_function, packed_forward
+from .forward import PackedModel, PackedStep
 from .kv import SlotCache, bytes_per_token
 from .sampler import CHECKPOINT_DEFAULTS, ROW_OPTIONS, RowSampling, row_sampling, sample
 from .threads import ThreadChooser
@@ -86,13 +86,12 @@ class BatchingEngine(Engine):
         # On a CPU, each kind of step runs on one thread or all, whichever its timings say is faster.
         self._threads = ThreadChooser(torch.get_num_threads()) if self._input_device.type == "cpu" else None
         self._defaults = _checkpoint_defaults(model)
-        self._attention = attention_function(model)
-        self._layer_devices = _layer_devices(model)
+        self._packed = PackedModel(model)
         per_slot = bytes_per_token(model.config, model.dtype) * self.context_length
         budget = kv_cache_bytes if kv_cache_bytes is not None else _default_kv_bytes(self._input_device)
         slots = min(max(1, budget // per_slot), max(max_batch_size * SLOTS_PER_BATCH_ROW, MIN_SLOTS))
         self.max_batch_size = min(max_batch_size, slots)
-        self.kv = SlotCache(model.config, slots, self.context_length, model.dtype, self._layer_devices)
+        self.kv = SlotCache(model.config, slots, self.context_length, model.dtype, self._packed.devices)
         self._history = torch.zeros(slots, self.context_length, dtype=torch.long, device=self._input_device)
         self._slot_ids: List[List[int]] = [[] for _ in range(slots)]  # ids whose KV each slot holds
         self._slot_prompt_len = [0] * slots
@@ -305,11 +304,11 @@ class BatchingEngine(Engine):
         """Feed ``counts[i]`` ids of request ``i`` (prompt chunks first, then rows feeding one id), packed into one
         sequence; requests whose feed is then empty get their next token."""
         step = PackedStep([(r.slot, r.length, r.feed[:n]) for r, n in zip(requests, counts)], self.kv,
-                          self._input_device, self.model.dtype)
+                          self._input_device, self._packed.dtype)
         if any(r.params.needs_history for r in requests):  # the ids so far, for penalties
             self._history[step.slots, step.position_ids[0]] = step.input_ids[0]
-        hidden = packed_forward(self.model, self.kv, step, self._attention, self._layer_devices)
-        head = self.model.get_output_embeddings()
+        hidden = self._packed.hidden(self.kv, step)
+        head = self._packed.head
         scoring = requests[0] if requests[0].scored is not None else None  # then alone (see _prefill_group)
         if scoring is not None:  # a request scoring its prompt keeps every position's logits
             logits = head(hidden[0])
@@ -345,7 +344,7 @@ class BatchingEngine(Engine):
             pass
 
     def _logits_device(self) -> torch.device:
-        return self.model.get_output_embeddings().weight.device
+        return self._packed.head.weight.device
 
 
 class _Request:
@@ -422,10 +421,6 @@ def _input_device(model: Any) -> torch.device:
     # With a device_map the embedding may sit anywhere; inputs go where it is.
     device = model.get_input_embeddings().weight.device
     return model.device if device.type == "meta" else device
-
-
-def _layer_devices(model: Any) -> List[torch.device]:
-    return [layer.self_attn.k_proj.weight.device for layer in model.model.layers[:model.config.num_hidden_layers]]
 
 
 def _default_kv_bytes(device: torch.device) -> int:

@@ -21,11 +21,12 @@ Example:
     >>> from .kv import SlotCache
     >>> model = AutoModelForCausalLM.from_pretrained(DEMO_DIR)
     >>> kv = SlotCache(model.config, 2, 64, model.dtype, ["cpu"] * model.config.num_hidden_layers)
+    >>> packed = PackedModel(model)
     >>> step = PackedStep([(0, 0, [1, 3, 4, 5])], kv, "cpu", model.dtype)
     >>> with torch.inference_mode():
-    ...     hidden = packed_forward(model, kv, step)
+    ...     logits = packed.head(packed.hidden(kv, step)[0, step.last])
     ...     reference = model(torch.tensor([[1, 3, 4, 5]])).logits[0, -1]
-    >>> torch.allclose(model.lm_head(hidden[0, step.last]), reference, atol=1e-5)
+    >>> torch.allclose(logits, reference, atol=1e-5)
     True
 """
 
@@ -108,27 +109,37 @@ class PackedStep:
         return (pieces[0] if len(pieces) == 1 else torch.cat(pieces))[None]
 
 
-def attention_function(model: Any) -> Any:
-    """The attention function the model is configured with, as ``LlamaAttention`` looks it up."""
-    return ALL_ATTENTION_FUNCTIONS.get_interface(model.config._attn_implementation, eager_attention_forward)
+class PackedModel:
+    """A causal LM's parts a packed forward pass uses, looked up once (each lookup walks modules or parameters).
 
+    ``hidden(kv, step)``: the final hidden states ``[1, tokens, hidden]`` of
+    ``step``'s packed ids; ``head``: the LM head, applied by the caller to
+    the positions it needs.
+    """
 
-def packed_forward(model: Any, kv: SlotCache, step: PackedStep, attention: Any = None,
-                   layer_devices: Sequence[Any] = ()) -> torch.Tensor:
-    """The final hidden states ``[1, tokens, hidden]`` of ``step``'s packed ids (the LM head is the caller's)."""
-    attention = attention or attention_function(model)
-    body = model.model
-    hidden = body.embed_tokens(step.input_ids)
-    cos, sin = body.rotary_emb(hidden, position_ids=step.position_ids)
-    for index, layer in enumerate(body.layers[:model.config.num_hidden_layers]):
-        if layer_devices:  # a device_map may spread the layers
-            hidden, cos, sin = (t.to(layer_devices[index]) for t in (hidden, cos, sin))
-        residual = hidden
-        hidden = residual + _self_attention(layer.self_attn, index, layer.input_layernorm(hidden), cos, sin, kv,
-                                            step, attention)
-        residual = hidden
-        hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
-    return body.norm(hidden)
+    def __init__(self, model: Any):
+        self.body = model.model
+        self.layers = list(self.body.layers[:model.config.num_hidden_layers])
+        self.head = model.get_output_embeddings()
+        self.dtype = model.dtype
+        # As LlamaAttention looks its attention function up (sdpa, eager...).
+        self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(model.config._attn_implementation,
+                                                               eager_attention_forward)
+        self.devices = [layer.self_attn.k_proj.weight.device for layer in self.layers]
+        self._moves = len(set(self.devices)) > 1  # a device_map spread the layers
+
+    def hidden(self, kv: SlotCache, step: PackedStep) -> torch.Tensor:
+        hidden = self.body.embed_tokens(step.input_ids)
+        cos, sin = self.body.rotary_emb(hidden, position_ids=step.position_ids)
+        for index, layer in enumerate(self.layers):
+            if self._moves:
+                hidden, cos, sin = (t.to(self.devices[index]) for t in (hidden, cos, sin))
+            residual = hidden
+            hidden = residual + _self_attention(layer.self_attn, index, layer.input_layernorm(hidden), cos, sin, kv,
+                                                step, self.attention)
+            residual = hidden
+            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.body.norm(hidden)
 
 
 def _self_attention(module: Any, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
