@@ -9,9 +9,11 @@ vLLM-v1 shape, without transformers' batching manager):
   prefix shared with another slot (same system prompt, an edited history)
   is copied into the least recently used free slot. ``cached_tokens`` in
   the usage says how many prompt tokens were reused.
-* **Step**: one prefill chunk of one request (long prompts in chunks of
-  ``max_batch_tokens``), then one decode forward for every request with one
-  token to feed, each row at its own position in its own slot.
+* **Step**: one forward pass (:mod:`.forward`) of the waiting prompts'
+  chunks (up to ``max_batch_tokens`` ids) and every decoding request's next
+  id, packed into one sequence without padding; each row attends over its
+  own slot at its own positions, so a request arriving while others decode
+  costs them no forward pass of its own.
 * **Sampling**: per row (:mod:`.sampler`): each request's own settings and
   ``torch.Generator``, logprobs, grammar masks. Greedy rows give what
   ``generate()`` gives.
