@@ -60,11 +60,13 @@ class PackedStep:
         self.last = [end - 1 for end in ends]
         self._min = torch.finfo(dtype).min
         self._dtype = dtype
-        # Prompt chunks: (start in the packed sequence, ids, the slot's rows to read, causal mask).
+        # Prompt chunks: (start in the packed sequence, how many ids, the slot to read, causal mask).
         self.chunks = []
         singles = []
         for (slot, length, feed), end in zip(rows, ends):
             if len(feed) > 1:
+                if singles:
+                    raise ValueError("rows: the rows feeding several ids come before those feeding one")
                 reads = SlotRows([slot], length + len(feed))
                 kv.read_up_to(reads.slots, reads.kv_len)
                 self.chunks.append((end - len(feed), len(feed), reads, self._mask([length], len(feed), reads.kv_len,
