@@ -200,3 +200,31 @@ def test_never_written_kv_memory_cannot_leak_into_a_shorter_row(model, tokenizer
             assert batched[prompt.request_id] == reference(model, list(prompt.token_ids), 20)[0]
     finally:
         engine.close()
+
+
+def test_thread_setting_that_keeps_losing_is_tried_less_and_less_often(monkeypatch):
+    from modelscope_llama2.engines.batching import threads
+
+    clock = [100.0]
+    monkeypatch.setattr(threads.time, "monotonic", lambda: clock[0])
+    chooser = threads.ThreadChooser(max_threads=2)
+    kind = (True, 4)
+    chooser.record(kind, 1, 0.002)
+    chooser.record(kind, 2, 0.005)  # the team is slower: one thread from now on
+    waits = []
+    for _ in range(4):  # each try of the team loses again: the wait before the next one doubles
+        start = clock[0]
+        while chooser.threads_for(kind) == 1:
+            clock[0] += 0.25
+        waits.append(clock[0] - start)
+        chooser.record(kind, 2, 0.005)
+    assert waits == [1.0, 2.0, 4.0, 8.0]
+    clock[0] += threads.MAX_RETRY_SECONDS
+    assert chooser.threads_for(kind) == 2
+    chooser.record(kind, 2, 0.001)  # the load changed: the team won, and the waits start over
+    assert chooser.threads_for(kind) == 1  # one thread's last try is long ago
+    chooser.record(kind, 1, 0.003)
+    start = clock[0]
+    while chooser.threads_for(kind) == 2:
+        clock[0] += 0.25
+    assert clock[0] - start == 2.0

@@ -101,15 +101,18 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampling], histories: Sequenc
     want = [i for i, row in enumerate(rows) if row.logprobs is not None]
     logp = torch.log_softmax(raw[want], dim=-1) if want else None
     scores = _shape(raw, rows, histories, counts)
-    tokens = torch.empty(len(rows), dtype=torch.long, device=raw.device)
     greedy = [i for i, row in enumerate(rows) if row.greedy]
     drawn = [i for i, row in enumerate(rows) if not row.greedy]
     # Whole-batch tensors when every row is of one kind: no copies of [rows, vocab] logits.
-    if greedy:
-        tokens[greedy] = (scores if len(greedy) == len(rows) else scores[greedy]).argmax(dim=-1)
-    if drawn:
-        tokens[drawn] = _draw(scores if len(drawn) == len(rows) else scores[drawn], [rows[i] for i in drawn])
-    ids = tokens.tolist()
+    if not drawn:
+        ids = scores.argmax(dim=-1).tolist()
+    elif not greedy:
+        ids = _draw(scores, rows).tolist()
+    else:
+        tokens = torch.empty(len(rows), dtype=torch.long, device=raw.device)
+        tokens[greedy] = scores[greedy].argmax(dim=-1)
+        tokens[drawn] = _draw(scores[drawn], [rows[i] for i in drawn])
+        ids = tokens.tolist()
     for row, token in zip(rows, ids):
         if row.constraint is not None:
             row.constraint.accept(token)
@@ -172,6 +175,10 @@ def _draw(scores: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
         cut_inside = (~keep[:, -1]).tolist()
         narrow = [j for j, i in enumerate(left)
                   if 0 < rows[i].top_k <= keep.shape[1] or (cut_inside[j] and _top_p_over_all(rows[i], vocab))]
+        if len(narrow) == len(rows):  # every row at once (the usual case): no indexing
+            values = candidates.values.masked_fill(~keep, 0.0)
+            noise = _noise(rows, values.shape[1], device)
+            return candidates.indices.gather(1, (values / noise).argmax(dim=-1, keepdim=True))[:, 0]
         if narrow:
             values = candidates.values[narrow].masked_fill(~keep[narrow], 0.0)
             noise = _noise([rows[left[j]] for j in narrow], values.shape[1], device)
@@ -198,16 +205,23 @@ def _kept_candidates(values: torch.Tensor, rows: Sequence[RowSampling]) -> torch
     distribution renormalised after top-k.
     """
     device, width = values.device, values.shape[1]
-    rank = torch.arange(width, device=device)[None, :]
-    top_k = torch.tensor([row.top_k if 0 < row.top_k <= width else width for row in rows], device=device)
-    keep = rank < top_k[:, None]
-    kept = values.masked_fill(~keep, 0.0)
-    # Over the top-k mass when top-k cut inside the candidates; over the whole distribution otherwise.
-    mass = torch.where(top_k < width, kept.sum(dim=-1), torch.ones_like(top_k, dtype=values.dtype))
-    before = (kept.cumsum(dim=-1) - kept) / mass[:, None]
-    top_p = torch.tensor([row.top_p if row.top_p < 1.0 else float("inf") for row in rows], device=device)
-    keep &= before < top_p[:, None]
-    keep &= values >= torch.tensor([row.min_p for row in rows], device=device)[:, None] * values[:, :1]
+    # Each rule's tensors only when some row has it (a step's sampler cost is mostly the count of tensor calls).
+    if any(0 < row.top_k < width for row in rows):
+        rank = torch.arange(width, device=device)[None, :]
+        top_k = torch.tensor([row.top_k if 0 < row.top_k <= width else width for row in rows], device=device)
+        keep = rank < top_k[:, None]
+        kept = values.masked_fill(~keep, 0.0)
+        # Over the top-k mass when top-k cut inside the candidates; over the whole distribution otherwise.
+        mass = torch.where(top_k < width, kept.sum(dim=-1), torch.ones_like(top_k, dtype=values.dtype))
+        before = (kept.cumsum(dim=-1) - kept) / mass[:, None]
+    else:
+        keep = torch.ones(values.shape, dtype=torch.bool, device=device)
+        before = values.cumsum(dim=-1) - values
+    if any(row.top_p < 1.0 for row in rows):
+        top_p = torch.tensor([row.top_p if row.top_p < 1.0 else float("inf") for row in rows], device=device)
+        keep &= before < top_p[:, None]
+    if any(row.min_p > 0.0 for row in rows):
+        keep &= values >= torch.tensor([row.min_p for row in rows], device=device)[:, None] * values[:, :1]
     return keep
 
 

@@ -10,8 +10,11 @@ prompt chunk, or a bigger model on idle cores, gains from the whole team.
 Neither is known in advance, so each kind of step (decode or prefill, by
 token count) is timed with both settings and runs with the faster one;
 the slower one is tried again once :data:`RETRY_SECONDS` have passed since
-its last try (a stalled try can cost a few milliseconds: at most once a
-second it costs under 1%), so a change in the machine's load moves the choice.
+its last try, so a change in the machine's load moves the choice. A try that
+loses again doubles that kind's wait for the next one (up to
+:data:`MAX_RETRY_SECONDS`): a stalled try of the whole team on busy cores costs
+several times a one-thread step, and a batch of 1 to 8 rows plus prompt
+chunks makes about eight kinds of step, each trying once a second otherwise.
 
 ``torch.set_num_threads`` is process-wide: the engine sets the chosen count
 around its own forward pass and puts the previous one back after.
@@ -35,8 +38,10 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 
-# Seconds between two tries of the setting not chosen, per kind of step.
+# Seconds between two tries of the setting not chosen, per kind of step: at first, and at most (after
+# tries that lost, each doubling the wait).
 RETRY_SECONDS = 1.0
+MAX_RETRY_SECONDS = 16.0
 # Weight of the newest timing in a setting's running average.
 SMOOTHING = 0.2
 
@@ -49,6 +54,7 @@ class ThreadChooser:
         self._options: Tuple[int, ...] = (1, max_threads) if max_threads > 1 else (max_threads,)
         self._seconds: Dict[Tuple[bool, int], List[float]] = {}  # kind -> average step seconds per option
         self._tried: Dict[Tuple[bool, int], List[float]] = {}  # kind -> when each option last ran (monotonic)
+        self._wait: Dict[Tuple[bool, int], float] = {}  # kind -> seconds from a try of the slower to the next
 
     def threads_for(self, kind: Tuple[bool, int]) -> int:
         """Threads the next step of ``kind`` runs with: each untried setting first, then the faster one."""
@@ -58,7 +64,7 @@ class ThreadChooser:
             return self._options[untried[0]]
         best = min(range(len(seconds)), key=seconds.__getitem__)
         other = (best + 1) % len(seconds)
-        retry = time.monotonic() - self._tried[kind][other] >= RETRY_SECONDS
+        retry = time.monotonic() - self._tried[kind][other] >= self._wait.get(kind, RETRY_SECONDS)
         return self._options[other if retry else best]
 
     def record(self, kind: Tuple[bool, int], threads: int, seconds: float) -> None:
@@ -68,8 +74,13 @@ class ThreadChooser:
         i = self._options.index(threads)
         # The setting in use is averaged; a retried one starts afresh (its old timings are from another load).
         in_use = averages[i] != 0.0 and averages[i] == min(a for a in averages if a != 0.0)
+        retried = averages[i] != 0.0 and not in_use
         averages[i] = (1 - SMOOTHING) * averages[i] + SMOOTHING * seconds if in_use else seconds
         tried[i] = time.monotonic()
+        if retried:
+            lost = averages[i] > min(averages)
+            self._wait[kind] = min(2 * self._wait.get(kind, RETRY_SECONDS), MAX_RETRY_SECONDS) if lost \
+                else RETRY_SECONDS
 
     @contextlib.contextmanager
     def step(self, tokens: int, decode: bool) -> Iterator[None]:
