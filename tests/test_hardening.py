@@ -86,13 +86,14 @@ def test_a_consumer_that_falls_behind_holds_one_merged_event(tiny_dir, tokenizer
     try:
         prompt = Prompt(tuple(tokenizer.encode("Hello", bos=True)),
                         SamplingParams(max_new_tokens=60, options={"do_sample": False}, ignore_eos=True))
-        kept_up = list(engine.generate([prompt]))
+        kept_up = []
+        engine.submit(prompt, kept_up.append)  # every event as the engine hands it out, one per step
         events = engine.generate([replace(prompt, request_id=new_request_id())])
         deadline = time.monotonic() + 30
         while engine.running and time.monotonic() < deadline:  # generated in full while nobody reads
             time.sleep(0.01)
         fell_behind = list(events)
-        assert len(kept_up) > 1 and len(fell_behind) == 1
+        assert len(kept_up) == 60 and len(fell_behind) == 1
         assert fell_behind[0].token_ids == tuple(t for e in kept_up for t in e.token_ids)
         assert (fell_behind[0].finish_reason, fell_behind[0].usage.completion_tokens) == ("length", 60)
     finally:
