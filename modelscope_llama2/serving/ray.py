@@ -57,6 +57,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from ..decoding import TextDelta
 from ..engines.base import Engine, Usage
+from ..engines.batching import BatchingEngine
 from ..prompts.prompt import Prompt, SamplingParams
 from .affinity import conversation_key, next_turn_ids, rank_order, turn_end_ids
 from .backend import Backend, BackendUnavailable, LocalBackend
@@ -283,16 +284,16 @@ class NextTurnPrefill:
     With conversation affinity the next turn comes back to this replica, so
     it then computes only its new message: the answer's sampled ids rarely
     equal its re-encoded text's (:func:`~.affinity.next_turn_ids`), and
-    without this its whole answer would be prefilled again on top. Only an
-    engine that batches and caches prefixes (``submit``) and chat prompts;
-    nothing is sent back. A turn that arrives while the prefill of its
+    without this its whole answer would be prefilled again on top. Chat
+    prompts on the batching engine only; nothing is sent back. A turn that arrives while the prefill of its
     beginning still runs waits for it (its KV is what the turn reuses,
     instead of computing the same ids a second time beside it). A client
     that edits the answer loses only the prefill.
     """
 
     def __init__(self, engine: Engine, tokenizer: Any):
-        self._submit = getattr(engine, "submit", None)
+        # The batching engine only: it takes a prompt to prefill alone (max_new_tokens=0); vLLM does not.
+        self._submit = engine.submit if isinstance(engine, BatchingEngine) else None
         self._context_length = engine.context_length
         self._tokenizer = tokenizer
         self._running: Dict[str, Tuple[Tuple[int, ...], asyncio.Event]] = {}
