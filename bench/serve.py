@@ -23,7 +23,7 @@ average) is printed first and last.
 Bounded: a fixed number of requests, loopback only, a time limit per phase;
 every server is stopped at the end. Run from the repo root:
 
-    python bench/serve.py                      # 10-20 minutes on 2 shared cores (servers warm up, 3 rounds)
+    python bench/serve.py                      # 3-6 minutes on 2 shared cores (servers warm up, 3 rounds)
     python bench/serve.py --skip-transformers  # this package's server only
 """
 
@@ -284,7 +284,10 @@ def print_table(rows: List[dict]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=32, help="requests per phase (default: 32)")
+    # 96: a concurrent phase of ~27-token answers lasts seconds, not half a second (one stall from elsewhere on
+    # the machine then moves a round's ratio less), and the ramp-down with fewer than 8 requests left is a
+    # small part of it.
+    parser.add_argument("--requests", type=int, default=96, help="requests per phase (default: 96)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens per answer (default: 64)")
     parser.add_argument("--time-limit", type=float, default=240, help="seconds per phase at most (default: 240)")

@@ -164,6 +164,8 @@ class Llama2Tokenizer:
         if ids and isinstance(ids[0], list):
             raise TypeError("ids: expected one sequence of ints; use batch_decode for several")
         special = set(self.all_special_ids)
+        if special.isdisjoint(ids):  # the common case (every streamed token is decoded twice): one call
+            return self.sp_model.decode(ids)
         if skip_special_tokens:
             return self.sp_model.decode([i for i in ids if i not in special])
         pieces, run = [], []

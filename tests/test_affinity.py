@@ -1,11 +1,12 @@
 """Conversation keys and rendezvous ranking (no Ray needed): stable per conversation, spread across them."""
 
+import random
 from collections import Counter
 
 from modelscope_llama2 import Llama2Tokenizer
 from modelscope_llama2.constants import BOS_ID, DEMO_DIR, EOS_ID
 from modelscope_llama2.prompts.chat_format import encode_dialog
-from modelscope_llama2.serving.affinity import conversation_key, rank_order, turn_end_ids
+from modelscope_llama2.serving.affinity import conversation_key, next_turn_ids, rank_order, turn_end_ids
 
 SYSTEM = "You are a helpful, respectful and honest assistant. " * 20  # one long prompt every conversation shares
 
@@ -64,3 +65,22 @@ def test_a_departed_rank_moves_only_its_own_keys_and_gets_them_back():
 def test_a_prompt_without_a_user_turn_end_is_keyed_whole():
     assert conversation_key((1, 5, 6), (9, 9)) != conversation_key((1, 5, 7), (9, 9))
     assert conversation_key((1, 5, 6, 9, 9, 3), (9, 9)) == conversation_key((1, 5, 6, 9, 9, 4), (9, 9))
+
+
+def test_next_turn_ids_are_how_the_next_prompt_goes_on_whatever_the_answer():
+    """Answers of arbitrary pieces (what a random model samples), with stray spaces and newlines, after the
+    first turn (system prompt folded in) and after a later one: the next prompt always starts with the
+    prompt, then exactly these ids."""
+    tokenizer = Llama2Tokenizer.from_pretrained(DEMO_DIR)
+    encode, pieces = tokenizer.sp_model.encode, tokenizer.sp_model.get_piece_size()
+    draw = random.Random(0)
+    for index in range(200):
+        answer = tokenizer.sp_model.decode([draw.randrange(3, pieces) for _ in range(draw.randint(1, 24))])
+        answer = draw.choice(["", " ", "\n"]) + answer + draw.choice(["", " ", "\n\n"])
+        asked = dialog("Where is Hangzhou?") if index % 2 else dialog("Where?", ("There.", "And West Lake?"))
+        prompt = encode_dialog(asked, encode, BOS_ID, EOS_ID)
+        following = encode_dialog(asked + [{"role": "assistant", "content": answer},
+                                           {"role": "user", "content": "Thanks!"}], encode, BOS_ID, EOS_ID)
+        ahead = next_turn_ids(answer, encode, BOS_ID, EOS_ID)
+        assert following[:len(prompt) + len(ahead)] == prompt + ahead, repr(answer)
+        assert len(following) > len(prompt) + len(ahead)  # the new question is left to compute

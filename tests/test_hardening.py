@@ -86,13 +86,14 @@ def test_a_consumer_that_falls_behind_holds_one_merged_event(tiny_dir, tokenizer
     try:
         prompt = Prompt(tuple(tokenizer.encode("Hello", bos=True)),
                         SamplingParams(max_new_tokens=60, options={"do_sample": False}, ignore_eos=True))
-        kept_up = list(engine.generate([prompt]))
+        kept_up = []
+        engine.submit(prompt, kept_up.append)  # every event as the engine hands it out, one per step
         events = engine.generate([replace(prompt, request_id=new_request_id())])
         deadline = time.monotonic() + 30
         while engine.running and time.monotonic() < deadline:  # generated in full while nobody reads
             time.sleep(0.01)
         fell_behind = list(events)
-        assert len(kept_up) > 1 and len(fell_behind) == 1
+        assert len(kept_up) == 60 and len(fell_behind) == 1
         assert fell_behind[0].token_ids == tuple(t for e in kept_up for t in e.token_ids)
         assert (fell_behind[0].finish_reason, fell_behind[0].usage.completion_tokens) == ("length", 60)
     finally:
@@ -283,13 +284,13 @@ def test_huge_requests_name_the_right_field_and_leave_the_loop_free(server):
 def test_an_engine_failure_is_a_500_or_an_error_event_and_counted(tiny_dir):
     # Finding 3: an engine failure answered 200 with finish_reason 'abort', counted as a 200.
     app = build_app(tiny_dir, "tiny", max_running=2)
-    model = app.app.state.backend.engine.model
+    head = app.app.state.backend.engine.model.get_output_embeddings()  # the engine's every step ends in it
 
     def broken_forward(*args, **kwargs):
         raise RuntimeError("probability tensor contains either inf, nan or element < 0")
 
     with running_server(app) as url:
-        model.forward = broken_forward  # a fault inside the real engine's step
+        head.forward = broken_forward  # a fault inside the real engine's step
         ask = {"model": "tiny", "prompt": "Hello", "max_tokens": 8, "temperature": 0}
         whole = httpx.post(url + "/v1/completions", json=ask, timeout=60)
         assert whole.status_code == 500 and whole.json()["error"]["type"] == "server_error"
@@ -306,8 +307,8 @@ def test_a_responses_stream_that_fails_midway_ends_with_response_failed(tiny_dir
     from openai.types.responses import ResponseFailedEvent
 
     app = build_app(tiny_dir, "tiny", max_running=2)
-    model = app.app.state.backend.engine.model
-    working, calls = model.forward, []
+    head = app.app.state.backend.engine.model.get_output_embeddings()  # the engine's every step ends in it
+    working, calls = head.forward, []
 
     def failing_after_three_steps(*args, **kwargs):  # a fault inside the real engine's step, mid-answer
         calls.append(1)
@@ -316,7 +317,7 @@ def test_a_responses_stream_that_fails_midway_ends_with_response_failed(tiny_dir
         return working(*args, **kwargs)
 
     with running_server(app) as url:
-        model.forward = failing_after_three_steps
+        head.forward = failing_after_three_steps
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         events = list(client.responses.create(model="tiny", input="Tell me a long story.", temperature=0,
                                               max_output_tokens=50, stream=True))
@@ -329,7 +330,7 @@ def test_a_responses_stream_that_fails_midway_ends_with_response_failed(tiny_dir
         assert failed.response.error.code == "server_error"
         assert failed.response.error.message == "The server failed while generating."
         assert metric(url, 500) == 1 and metric(url, 200) == 0
-        model.forward = working  # the server goes on serving
+        head.forward = working  # the server goes on serving
         assert client.responses.create(model="tiny", input="Hi", temperature=0, max_output_tokens=2).status in (
             "completed", "incomplete")
 

@@ -18,6 +18,12 @@ all its turns and differs between conversations:
 Hashes are sha256, never ``hash()``: every process that holds a handle runs
 its own router, and they must agree.
 
+Since the next turn comes back to the same replica, that replica can also
+prefill its beginning while the user reads the answer:
+:func:`next_turn_ids` are the ids the next prompt will have after this
+one's (the answer as the chat format re-encodes it, then the next round's
+start), known as soon as the answer ends.
+
 Example:
     >>> end = (518, 29914, 25580, 29962)  # what " [/INST]" encodes to in Llama 2's vocabulary
     >>> turn1 = (1, 518, 25580, 29962, 6324, 518, 29914, 25580, 29962)
@@ -31,6 +37,8 @@ Example:
 import hashlib
 from typing import Hashable, List, Sequence
 
+from ..prompts.chat_format import B_INST, E_INST, answer_text
+
 
 def turn_end_ids(encode) -> tuple:
     """The ids that ``" [/INST]"`` becomes inside a prompt (``encode``: sentencepiece without BOS/EOS).
@@ -38,10 +46,35 @@ def turn_end_ids(encode) -> tuple:
     Encoded after a word, as the chat format writes it (``f"{user} [/INST]"``),
     so the ids match the prompt's own.
     """
-    from ..prompts.chat_format import E_INST
-
     word = encode("x")
     return tuple(encode(f"x {E_INST}")[len(word):])
+
+
+def next_turn_ids(answer: str, encode, bos_id: int, eos_id: int) -> List[int]:
+    """The ids that follow a chat prompt in its conversation's next prompt, once ``answer`` is its reply.
+
+    Meta's format re-encodes the answer from its text (``f"{user} [/INST] {answer} "``,
+    then EOS, BOS and the next ``[INST]``), which need not give the ids the
+    model sampled. ``encode`` is sentencepiece without BOS/EOS; it splits at
+    spaces, so the ids after ``[/INST]`` do not depend on the user text.
+
+    Example:
+        >>> import os, sentencepiece
+        >>> from modelscope_llama2.constants import DEMO_DIR
+        >>> from modelscope_llama2.prompts.chat_format import encode_dialog
+        >>> encode = sentencepiece.SentencePieceProcessor(model_file=os.path.join(DEMO_DIR, "tokenizer.model")).encode
+        >>> asked = [{"role": "user", "content": "Where?"}]
+        >>> answered = asked + [{"role": "assistant", "content": " West Lake. "}, {"role": "user", "content": "When?"}]
+        >>> prompt = encode_dialog(asked, encode, 1, 2)
+        >>> following = encode_dialog(answered, encode, 1, 2)
+        >>> following[:len(prompt)] == prompt
+        True
+        >>> ahead = next_turn_ids(" West Lake. ", encode, 1, 2)
+        >>> following[len(prompt):len(prompt) + len(ahead)] == ahead
+        True
+    """
+    after = encode(f"x {E_INST}")
+    return [*encode(f"x {E_INST} {answer_text(answer)} ")[len(after):], eos_id, bos_id, *encode(B_INST)]
 
 
 def conversation_key(token_ids: Sequence[int], turn_end: Sequence[int]) -> bytes:

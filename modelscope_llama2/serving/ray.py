@@ -15,7 +15,9 @@ prompt is a :class:`~modelscope_llama2.prompts.prompt.Prompt` and not bytes:
 :class:`ConversationAffinityRouter` (Serve's public request-router API) sends
 every turn of a conversation to the replica ranked first for it by
 :mod:`~modelscope_llama2.serving.affinity`, and to the least loaded of the
-others when that one is full or gone.
+others when that one is full or gone. Since the next turn comes back, a
+replica then prefills its known beginning (the answer as the next prompt
+re-encodes it) while the user reads: :class:`NextTurnPrefill`.
 
 Faults: a request whose replica dies before any text reached the app is sent
 again (the router no longer offers the dead replica); one cut mid-stream
@@ -30,6 +32,8 @@ a simulated two-node one):
     >>> serve.run(app, name="modelscope-llama2", route_prefix="/")  # doctest: +SKIP
 """
 
+import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -53,8 +57,9 @@ from prometheus_client import CollectorRegistry, Counter
 
 from ..decoding import TextDelta
 from ..engines.base import Engine, Usage
+from ..engines.batching import BatchingEngine
 from ..prompts.prompt import Prompt, SamplingParams
-from .affinity import conversation_key, rank_order, turn_end_ids
+from .affinity import conversation_key, next_turn_ids, rank_order, turn_end_ids
 from .backend import Backend, BackendUnavailable, LocalBackend
 from .metrics import PREFIX
 from .app import create_app
@@ -73,6 +78,9 @@ DRAIN_GRACE_S = 10.0
 # How often a stopping replica looks whether its requests are done (Serve's default: 2 s, slept once even when
 # none is left). The ingress has drained them already, so each 2 s sleep would only delay the exit.
 SHUTDOWN_POLL_S = 0.2
+
+# Longest a turn waits for the prefill of its beginning (NextTurnPrefill) before it is computed alongside.
+NEXT_TURN_WAIT_S = 10.0
 
 # What Serve raises when the replica serving a call is gone.
 REPLICA_LOST = (RayActorError, ReplicaUnavailableError)
@@ -235,8 +243,9 @@ class ModelReplica:
     the local backend's stream and aborts the request in the engine.
     """
 
-    def __init__(self, spec: EngineSpec):
+    def __init__(self, spec: EngineSpec, prefill_next_turn: bool = False):
         engine, tokenizer = load_engine(spec)
+        self._ahead = NextTurnPrefill(engine, tokenizer) if prefill_next_turn else None
         self._backend = LocalBackend(engine, tokenizer, max_workers=spec.max_concurrent)
         self._engine: Engine = engine
         context = serve.get_replica_context()
@@ -254,11 +263,78 @@ class ModelReplica:
 
     async def stream(self, prompt: Prompt) -> AsyncIterator[Union[ServedBy, TextDelta]]:
         yield self._served_by
+        if self._ahead is not None:
+            await self._ahead.wait_for(prompt)
+        answer: List[str] = []
+        finish: Optional[str] = None
         async for delta in self._backend.stream(prompt):
+            answer.append(delta.text)
+            finish = delta.finish_reason
             yield delta
+        if self._ahead is not None and finish in ("stop", "length"):
+            self._ahead.start(prompt, "".join(answer))
 
     async def __del__(self) -> None:
         await self._backend.close()
+
+
+class NextTurnPrefill:
+    """Prefills each answered conversation's next prompt as far as it is known, while its user reads the answer.
+
+    With conversation affinity the next turn comes back to this replica, so
+    it then computes only its new message: the answer's sampled ids rarely
+    equal its re-encoded text's (:func:`~.affinity.next_turn_ids`), and
+    without this its whole answer would be prefilled again on top. Chat
+    prompts on the batching engine only; nothing is sent back. A turn that arrives while the prefill of its
+    beginning still runs waits for it (its KV is what the turn reuses,
+    instead of computing the same ids a second time beside it). A client
+    that edits the answer loses only the prefill.
+    """
+
+    def __init__(self, engine: Engine, tokenizer: Any):
+        # The batching engine only: it takes a prompt to prefill alone (max_new_tokens=0); vLLM does not.
+        self._submit = engine.submit if isinstance(engine, BatchingEngine) else None
+        self._context_length = engine.context_length
+        self._tokenizer = tokenizer
+        self._running: Dict[str, Tuple[Tuple[int, ...], asyncio.Event]] = {}
+
+    def start(self, prompt: Prompt, answer: str) -> None:
+        """Queue the prefill of what follows ``prompt`` once ``answer`` is its reply (on the event loop)."""
+        if self._submit is None or prompt.kind != "chat" or prompt.tools is not None:
+            return
+        tokenizer = self._tokenizer
+        ids = (*prompt.token_ids,
+               *next_turn_ids(answer, tokenizer.sp_model.encode, tokenizer.bos_token_id, tokenizer.eos_token_id))
+        if len(ids) >= self._context_length:
+            return
+        ahead = Prompt(token_ids=ids, sampling=SamplingParams(max_new_tokens=0, options={"do_sample": False}))
+        loop, request_id = asyncio.get_running_loop(), ahead.request_id
+        self._running[request_id] = (ids, asyncio.Event())
+
+        def on_event(event: Any) -> None:  # on the engine's thread
+            if event.finished:
+                with contextlib.suppress(RuntimeError):  # the event loop is gone: the replica is stopping
+                    loop.call_soon_threadsafe(self._finished, request_id)
+
+        try:
+            self._submit(ahead, on_event)
+        except Exception:  # a lost prefill costs the next turn some time, never this answer
+            self._running.pop(request_id, None)
+            logger.exception("prefilling the next turn after request %s failed", prompt.request_id)
+
+    async def wait_for(self, prompt: Prompt) -> None:
+        """Return once no prefill of a beginning of ``prompt`` runs (or after :data:`NEXT_TURN_WAIT_S`)."""
+        ids = prompt.token_ids
+        waits = [done.wait() for ahead, done in self._running.values()
+                 if len(ahead) < len(ids) and ids[:len(ahead)] == ahead]
+        if waits:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), NEXT_TURN_WAIT_S)
+
+    def _finished(self, request_id: str) -> None:
+        entry = self._running.pop(request_id, None)
+        if entry is not None:
+            entry[1].set()
 
 
 # -- routing ----------------------------------------------------------------------------
@@ -461,7 +537,8 @@ def build_application(engine: EngineSpec, config: ServerConfig, scale: ScaleSpec
                                max_ongoing_requests=config.max_running + config.max_waiting,
                                graceful_shutdown_timeout_s=scale.graceful_shutdown_timeout_s,
                                graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
-    return ingress.bind(model.bind(engine), config)
+    # Only where the next turn comes back: under Serve's own router it lands on this replica by chance.
+    return ingress.bind(model.bind(engine, scale.router == "affinity"), config)
 
 
 def _positive_int(value: Any, name: str) -> None:

@@ -161,10 +161,21 @@ def test_logprobs_through_a_replica_equal_the_single_process_server(scaled, loca
     assert [sorted(top) for top in remote.top_logprobs[1:]] == [sorted(top) for top in here.top_logprobs[1:]]
 
 
-def test_every_turn_of_a_conversation_lands_on_its_replica(scaled, scaled_url, expected_rank):
+@pytest.fixture(scope="module")
+def ahead_of(tiny_dir):
+    """How many ids the next prompt has after this one's once ``answer`` is its reply (through the next ``[INST]``)."""
+    from modelscope_llama2 import Llama2Tokenizer
+    from modelscope_llama2.serving.affinity import next_turn_ids
+
+    tokenizer = Llama2Tokenizer.from_pretrained(tiny_dir)
+    return lambda answer: len(next_turn_ids(answer, tokenizer.sp_model.encode, 1, 2))
+
+
+def test_every_turn_of_a_conversation_lands_on_its_replica(scaled, scaled_url, expected_rank, ahead_of):
     conversations = [opening(question) for question in QUESTIONS[:6]]
     replicas = [set() for _ in conversations]
     previous_prompt = [0] * len(conversations)
+    previous_answer = [""] * len(conversations)
     # Turn by turn across conversations, so each replica's cache holds several at once.
     for turn in range(1 + len(FOLLOW_UPS)):
         for i, messages in enumerate(conversations):
@@ -175,9 +186,10 @@ def test_every_turn_of_a_conversation_lands_on_its_replica(scaled, scaled_url, e
             assert int(rank) == expected_rank(messages)
             cached = usage.prompt_tokens_details.cached_tokens
             if turn:
-                # The whole previous prompt came from this replica's cache; the new turn did not.
-                assert previous_prompt[i] <= cached < usage.prompt_tokens
-            previous_prompt[i] = usage.prompt_tokens
+                # From this replica's cache: the whole previous prompt, its answer as this prompt re-encodes it
+                # and the new round's start (prefilled once the answer was sent); the new question is not.
+                assert cached == previous_prompt[i] + ahead_of(previous_answer[i]) < usage.prompt_tokens
+            previous_prompt[i], previous_answer[i] = usage.prompt_tokens, text
             if turn < len(FOLLOW_UPS):
                 messages += [{"role": "assistant", "content": text}, {"role": "user", "content": FOLLOW_UPS[turn]}]
     assert all(len(used) == 1 for used in replicas)

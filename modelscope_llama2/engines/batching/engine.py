@@ -9,9 +9,11 @@ vLLM-v1 shape, without transformers' batching manager):
   prefix shared with another slot (same system prompt, an edited history)
   is copied into the least recently used free slot. ``cached_tokens`` in
   the usage says how many prompt tokens were reused.
-* **Step**: one prefill chunk of one request (long prompts in chunks of
-  ``max_batch_tokens``), then one decode forward for every request with one
-  token to feed, each row at its own position in its own slot.
+* **Step**: one forward pass (:mod:`.forward`) of the waiting prompts'
+  chunks (up to ``max_batch_tokens`` ids) and every decoding request's next
+  id, packed into one sequence without padding; each row attends over its
+  own slot at its own positions, so a request arriving while others decode
+  costs them no forward pass of its own.
 * **Sampling**: per row (:mod:`.sampler`): each request's own settings and
   ``torch.Generator``, logprobs, grammar masks. Greedy rows give what
   ``generate()`` gives.
@@ -34,19 +36,19 @@ Example:
 """
 
 import contextlib
-import inspect
 import logging
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from ...constants import BOS_ID, CONTEXT_LENGTH, EOS_ID, PAD_ID
+from ...constants import BOS_ID, CONTEXT_LENGTH, EOS_ID
 from ...prompts.prompt import Prompt, SamplingParams
 from ..base import Engine, EventBuffer, TokenEvent, TokenLogprob, Usage
 from ..logits import raw_logprobs, token_logprob
 from ..prefix_cache import common_prefix_length
 from ..transformers_engine import check_token_ids
+from .forward import PackedModel, PackedStep
 from .kv import SlotCache, bytes_per_token
 from .sampler import CHECKPOINT_DEFAULTS, ROW_OPTIONS, RowSampling, row_sampling, sample
 from .threads import ThreadChooser
@@ -86,14 +88,12 @@ class BatchingEngine(Engine):
         # On a CPU, each kind of step runs on one thread or all, whichever its timings say is faster.
         self._threads = ThreadChooser(torch.get_num_threads()) if self._input_device.type == "cpu" else None
         self._defaults = _checkpoint_defaults(model)
-        forward_params = inspect.signature(model.forward).parameters
-        self._cache_key = "cache" if "cache" in forward_params else "past_key_values"
-        self._keeps_logits = "logits_to_keep" in forward_params
+        self._packed = PackedModel(model)
         per_slot = bytes_per_token(model.config, model.dtype) * self.context_length
         budget = kv_cache_bytes if kv_cache_bytes is not None else _default_kv_bytes(self._input_device)
         slots = min(max(1, budget // per_slot), max(max_batch_size * SLOTS_PER_BATCH_ROW, MIN_SLOTS))
         self.max_batch_size = min(max_batch_size, slots)
-        self.kv = SlotCache(model.config, slots, self.context_length, model.dtype, _layer_devices(model))
+        self.kv = SlotCache(model.config, slots, self.context_length, model.dtype, self._packed.devices)
         self._history = torch.zeros(slots, self.context_length, dtype=torch.long, device=self._input_device)
         self._slot_ids: List[List[int]] = [[] for _ in range(slots)]  # ids whose KV each slot holds
         self._slot_prompt_len = [0] * slots
@@ -268,69 +268,56 @@ class BatchingEngine(Engine):
 
     def _step(self) -> None:
         prefilling = [r for r in self._running if len(r.feed) > 1 and not r.done]
-        if prefilling:
-            group = self._prefill_group(prefilling)
-            counts = [min(len(r.feed), self.max_batch_tokens) for r in group]
-            with self._threads_for(max(counts) * len(group), decode=False):
+        group, counts = self._prefill_group(prefilling)
+        if group and group[0].scored is not None:  # every position's logits: alone
+            with self._threads_for(counts[0], decode=False):
                 self._forward(group, counts)
+            group, counts = [], []
+        # Prompt chunks and every decoding row's next id in one forward pass.
         decoding = [r for r in self._running if len(r.feed) == 1 and not r.done]
-        if decoding:
-            with self._threads_for(len(decoding), decode=True):
-                self._forward(decoding, [1] * len(decoding))
+        if group or decoding:
+            with self._threads_for(sum(counts) + len(decoding), decode=not group):
+                self._forward(group + decoding, counts + [1] * len(decoding))
 
     def _threads_for(self, tokens: int, decode: bool) -> Any:
         return self._threads.step(tokens, decode) if self._threads is not None else contextlib.nullcontext()
 
-    def _prefill_group(self, prefilling: List["_Request"]) -> List["_Request"]:
-        """Prompts prefilled in one forward pass: up to ``max_batch_tokens`` padded tokens.
+    def _prefill_group(self, prefilling: List["_Request"]) -> "tuple[List[_Request], List[int]]":
+        """Prompt chunks of the next forward pass and their lengths: up to ``max_batch_tokens`` ids in all.
 
-        A row shorter than the longest is padded: its padding writes KV past
-        its own length in its own slot, which its next real ids overwrite
-        before anything reads them (so the padding must fit in the slot). A
-        request scoring its prompt (prompt logprobs) is prefilled alone.
+        Prompts go in arrival order, the last one cut where the budget ends
+        (its rest goes in the next step). A request scoring its prompt (prompt
+        logprobs) is prefilled alone.
         """
-        first = prefilling[0]
-        group = [first]
-        width = min(len(first.feed), self.max_batch_tokens)
-        if first.scored is not None:
-            return group
-        for request in prefilling[1:]:
-            wider = max(width, min(len(request.feed), self.max_batch_tokens))
-            fits = all(r.length + wider <= self.context_length for r in (*group, request))
-            if request.scored is None and fits and wider * (len(group) + 1) <= self.max_batch_tokens:
-                group.append(request)
-                width = wider
-        return group
+        group: List[_Request] = []
+        counts: List[int] = []
+        left = max(2, self.max_batch_tokens)
+        for request in prefilling:
+            if left < 2 or (group and group[0].scored is not None):
+                break
+            if group and request.scored is not None:
+                continue
+            counts.append(min(len(request.feed), left))
+            group.append(request)
+            left -= counts[-1]
+        return group, counts
 
     def _forward(self, requests: List["_Request"], counts: List[int]) -> None:
-        """Feed ``counts[i]`` ids of request ``i`` (rows padded to the longest); requests whose feed is then
-        empty get their next token."""
-        device = self._input_device
-        q = max(counts)
-        slots = [r.slot for r in requests]
-        input_ids = torch.tensor([r.feed[:n] + [PAD_ID] * (q - n) for r, n in zip(requests, counts)], device=device)
-        positions = torch.tensor([r.length for r in requests], device=device)[:, None] + torch.arange(q, device=device)
-        kv_len = max(r.length for r in requests) + q
+        """Feed ``counts[i]`` ids of request ``i`` (prompt chunks first, then rows feeding one id), packed into one
+        sequence; requests whose feed is then empty get their next token."""
+        step = PackedStep([(r.slot, r.length, r.feed[:n]) for r, n in zip(requests, counts)], self.kv,
+                          self._input_device, self._packed.dtype)
         if any(r.params.needs_history for r in requests):  # the ids so far, for penalties
-            self._history[torch.tensor(slots, device=device)[:, None], positions] = input_ids
-        visible = torch.arange(kv_len, device=device)[None, None, :] <= positions[:, :, None]
-        mask = torch.full(visible.shape, torch.finfo(self.model.dtype).min, dtype=self.model.dtype, device=device)
-        mask = mask.masked_fill_(visible, 0.0)[:, None]
-        kwargs = {self._cache_key: self.kv.step(slots, positions, kv_len)}
-        # Each row's last real position predicts its next token; a request scoring its prompt keeps them all.
-        last = sorted(set(n - 1 for n in counts))
-        scoring = requests[0] if len(requests) == 1 and requests[0].scored is not None else None
-        if self._keeps_logits and scoring is None:
-            kwargs["logits_to_keep"] = torch.tensor(last, device=device) if len(last) > 1 else q - last[0]
-        logits = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                            **kwargs).logits
-        if scoring is not None:
-            scoring.score(logits[0], scoring.length)
-        if logits.shape[1] == len(last):  # kept only the last positions (ascending)
-            column = [last.index(n - 1) for n in counts]
-        else:
-            column = [n - 1 for n in counts]
-        logits = logits[torch.arange(len(requests), device=logits.device), torch.tensor(column, device=logits.device)]
+            self._history[step.slots, step.position_ids[0]] = step.input_ids[0]
+        hidden = self._packed.hidden(self.kv, step)
+        head = self._packed.head
+        scoring = requests[0] if requests[0].scored is not None else None  # then alone (see _prefill_group)
+        if scoring is not None:  # a request scoring its prompt keeps every position's logits
+            logits = head(hidden[0])
+            scoring.score(logits, scoring.length)
+            logits = logits[step.last]
+        else:  # each row's last id predicts its next token
+            logits = head(hidden[0, step.last])
         for request, n in zip(requests, counts):
             self._slot_ids[request.slot].extend(request.feed[:n])
             request.length += n
@@ -359,7 +346,7 @@ class BatchingEngine(Engine):
             pass
 
     def _logits_device(self) -> torch.device:
-        return self.model.get_output_embeddings().weight.device
+        return self._packed.head.weight.device
 
 
 class _Request:
@@ -436,10 +423,6 @@ def _input_device(model: Any) -> torch.device:
     # With a device_map the embedding may sit anywhere; inputs go where it is.
     device = model.get_input_embeddings().weight.device
     return model.device if device.type == "meta" else device
-
-
-def _layer_devices(model: Any) -> List[torch.device]:
-    return [layer.self_attn.k_proj.weight.device for layer in model.model.layers[:model.config.num_hidden_layers]]
 
 
 def _default_kv_bytes(device: torch.device) -> int:

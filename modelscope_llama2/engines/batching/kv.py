@@ -7,12 +7,11 @@ row and reads ``[:kv_len]`` back; nothing is concatenated or copied per
 token. A finished request's slot keeps its KV (and the ids it holds) until
 another request needs the slot: that is the prefix cache, bounded by the
 bytes of the slots and evicted least recently used first
-(:mod:`.scheduler`).
+(:mod:`.engine`).
 
-:class:`StepCache` is what one forward pass sees: an object with the
-``update(keys, values, layer_idx, ...)`` method transformers' attention
-layers call on their cache, scattering the new keys into the rows' slots and
-returning the rows' whole keys for attention (masked per row by the engine).
+A forward pass :meth:`SlotCache.write` s each new token's keys into its
+row's slot and :meth:`SlotCache.read` s the rows' keys back for attention
+(:class:`SlotRows`: a view when their slots are consecutive).
 """
 
 from typing import Any, List, Sequence
@@ -88,43 +87,37 @@ class SlotCache:
                 layer[target, :, :length].copy_(layer[source, :, :length])
         self.initialised[target] = max(self.initialised[target], length)
 
-    def step(self, slots: Sequence[int], positions: torch.Tensor, kv_len: int) -> "StepCache":
-        self.read_up_to(slots, kv_len)
-        return StepCache(self, list(slots), positions, kv_len)
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+              values: torch.Tensor) -> None:
+        """Store one layer's new ``keys``/``values`` ``[tokens, kv_heads, head_dim]``: token ``t`` at ``positions[t]``
+        of slot ``slots[t]``."""
+        # Advanced indices around a slice put the broadcast token dim first: [tokens, heads, dim].
+        self.keys[layer][slots, :, positions] = keys.to(self.keys[layer].dtype)
+        self.values[layer][slots, :, positions] = values.to(self.values[layer].dtype)
+
+    def read(self, layer: int, rows: "SlotRows") -> "tuple[torch.Tensor, torch.Tensor]":
+        """One layer's keys and values ``[rows, kv_heads, kv_len, head_dim]`` of ``rows``' slots."""
+        keys, values = self.keys[layer], self.values[layer]
+        if rows.span is not None:  # consecutive slots: a view, nothing copied
+            return keys[rows.span, :, :rows.kv_len], values[rows.span, :, :rows.kv_len]
+        index = rows.index(keys.device)  # others are gathered (only [:kv_len] is copied)
+        return keys[:, :, :rows.kv_len].index_select(0, index), values[:, :, :rows.kv_len].index_select(0, index)
 
 
-class StepCache:
-    """One forward pass's view of a :class:`SlotCache`: rows ``slots`` writing at ``positions`` ``[rows, q]``."""
+class SlotRows:
+    """Slots read together in one attention call, up to ``kv_len`` positions each."""
 
-    is_compileable = False
+    def __init__(self, slots: Sequence[int], kv_len: int):
+        self.slots, self.kv_len = list(slots), kv_len
+        first = self.slots[0]
+        self.span = slice(first, first + len(self.slots)) if self.slots == list(range(first, first + len(self.slots))) \
+            else None
+        self._index: dict = {}  # per device: the slot ids as a tensor
 
-    def __init__(self, cache: SlotCache, slots: List[int], positions: torch.Tensor, kv_len: int):
-        self.cache, self.kv_len = cache, kv_len
-        self.positions = positions
-        first = slots[0]
-        # Consecutive slots read as a view; others are gathered (only [:kv_len] is copied).
-        self.span = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
-        self.index = {}  # per device: the slot ids as a tensor
-        self.slots = slots
-
-    def _slot_index(self, device: torch.device) -> torch.Tensor:
-        if device not in self.index:
-            self.index[device] = torch.tensor(self.slots, device=device)
-        return self.index[device]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: Any, **__: Any):
-        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
-        rows = self._slot_index(keys.device)
-        positions = self.positions.to(keys.device)
-        # Advanced indices around a slice put the broadcast [rows, q] dims first: [rows, q, heads, dim].
-        keys[rows[:, None], :, positions] = key_states.transpose(1, 2).to(keys.dtype)
-        values[rows[:, None], :, positions] = value_states.transpose(1, 2).to(values.dtype)
-        if self.span is not None:
-            return keys[self.span, :, :self.kv_len], values[self.span, :, :self.kv_len]
-        return keys[:, :, :self.kv_len].index_select(0, rows), values[:, :, :self.kv_len].index_select(0, rows)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.kv_len
+    def index(self, device: torch.device) -> torch.Tensor:
+        if device not in self._index:
+            self._index[device] = torch.tensor(self.slots, device=device)
+        return self._index[device]
 
 
 def bytes_per_token(config: Any, dtype: torch.dtype) -> int:

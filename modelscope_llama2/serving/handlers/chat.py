@@ -5,7 +5,6 @@ Example:
     'ChatHandler'
 """
 
-import asyncio
 import time
 from typing import Any, AsyncIterator, Dict, Iterator, List, Optional
 
@@ -19,7 +18,7 @@ from ..generation import FINISH_REASONS, Choice, usage
 from ..logprobs import TokenTexts, chat_logprobs
 from ..protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                         ChatCompletionResponse, Delta)
-from .base import Deltas, Handler, dialog_of, sse
+from .base import Deltas, Handler, built, dialog_of, sse
 
 
 class ChatHandler(Handler):
@@ -27,8 +26,7 @@ class ChatHandler(Handler):
 
     async def create(self, body: ChatCompletionRequest, request: Request) -> Any:
         self.builder.check_model(body.model)
-        # Off the event loop: a huge request's dialog takes a while to read, fit and encode.
-        prompts = await asyncio.to_thread(lambda: self.builder.chat(
+        prompts = await built(request, lambda: self.builder.chat(
             body, dialog_of(body.messages), body.max_completion_tokens or body.max_tokens, body.n,
             truncate=body.truncation == "auto"))
 

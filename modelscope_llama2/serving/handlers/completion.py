@@ -5,7 +5,6 @@ Example:
     3
 """
 
-import asyncio
 import time
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
@@ -18,7 +17,7 @@ from ..errors import APIError
 from ..generation import FINISH_REASONS, Choice, usage
 from ..logprobs import LegacyLogprobs, TokenTexts
 from ..protocol import CompletionChoice, CompletionRequest, CompletionResponse
-from .base import Deltas, Handler, refuse_unsupported, sse, too_long, vocabulary_checked
+from .base import Deltas, Handler, built, refuse_unsupported, sse, too_long, vocabulary_checked
 
 
 class CompletionHandler(Handler):
@@ -29,7 +28,7 @@ class CompletionHandler(Handler):
         rows = 1 if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int)) \
             else len(body.prompt)
         self.generation.admission.check_size(rows * body.n, "n" if rows == 1 else "prompt")  # before encoding them
-        prompts = await asyncio.to_thread(self.prompts, body)  # off the event loop: many prompts take a while
+        prompts = await built(request, lambda: self.prompts(body))
 
         def build(response_id: str, choices: List[Choice]) -> CompletionResponse:
             return CompletionResponse(
