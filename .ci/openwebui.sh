@@ -8,8 +8,7 @@
 # installed there, as .ci/web.sh does; it drives Debian's Chromium) and Open WebUI is a subprocess. torch is
 # pinned to the CPU wheel the core step uses (Open WebUI does not pin it, and an unpinned one pulls a CUDA
 # build: 4 GB more). Cached between CI runs on the same machine and rebuilt only when missing, half-built, or
-# when this script (the pins below) changes. About 2 min with the venv cached (2 cores, busy), plus 3-4.5 min
-# to build it (a 2.9 GB venv).
+# when this script (the pins below) changes. About 1.5 min with the venv cached, plus about 3 min to build it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
