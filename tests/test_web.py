@@ -237,7 +237,9 @@ def test_api_backend_answers_through_serve(demo_server, demo_backend):
     assert (backend.model, backend.context_length, backend.defaults) == ("demo", 4096, default_settings(None))
     updates = list(respond(backend, Conversation(), ZHEJIANG, None, GREEDY))
     answers = [update.conversation.rounds[-1][1] for update in updates[1:]]
-    assert answers[-1] == HANGZHOU and len(set(answers)) > 3 and all(HANGZHOU.startswith(a) for a in answers)
+    # Streamed: a partial answer shows before the whole one. How many partials depends on how the server's
+    # deltas batch (merged while the client reads), so only "more than one" is a property of streaming.
+    assert answers[-1] == HANGZHOU and len(set(answers)) > 1 and all(HANGZHOU.startswith(a) for a in answers)
     last = list(respond(backend, updates[-1].conversation, PLACES, ONE_WORD, GREEDY))[-1]
     assert last.conversation == Conversation(((ZHEJIANG, HANGZHOU), (PLACES, SIGHTS)))
     prompt_tokens = meta_prompt(demo_backend.tokenizer, ONE_WORD, ((ZHEJIANG, HANGZHOU),), PLACES)[0]
