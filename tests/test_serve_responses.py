@@ -67,7 +67,8 @@ def test_streamed_events_in_order_and_the_response_is_stored(client):
     events = list(client.responses.create(model="demo", input=ZHEJIANG, temperature=0, stream=True))
     kinds = [event.type for event in events]
     deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
-    assert [k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]] == STREAM_EVENTS and len(deltas) > 3
+    # More than one delta: streamed. How many depends on how the server merges deltas while the client reads.
+    assert [k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]] == STREAM_EVENTS and len(deltas) > 1
     assert [event.sequence_number for event in events] == list(range(len(events)))
     completed = events[-1].response
     assert "".join(deltas) == events[-4].text == completed.output_text == HANGZHOU
