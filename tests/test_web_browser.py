@@ -202,9 +202,12 @@ def test_two_turn_conversation_streams_and_is_saved_as_screenshot(tab, demo_toke
         assert tab.prompt_tokens() == meta_prompt(demo_tokenizer, None, rounds, question)[0]
         rounds.append((question, answer))
         assert tab.page.input_value("#message textarea") == ""
+    # Each answer shows part of itself before the whole; how many parts depends on how fast the page
+    # reads the deltas (a loaded CI run showed the first answer in 2 steps).
     partials = [text.split(": ", 1)[1] for text in tab.page.evaluate("window.seen") if text]
-    streamed = {text for text in partials if HANGZHOU.startswith(text) and text != HANGZHOU}
-    assert len(streamed) >= 3, f"the first answer did not stream: {partials[:20]}"
+    for answer in (HANGZHOU, SIGHTS):
+        streamed = {text for text in partials if answer.startswith(text) and text != answer}
+        assert streamed, f"{answer!r} did not stream: {partials[:20]}"
     screenshot = os.environ.get("MODELSCOPE_LLAMA2_SCREENSHOT") or str(tmp_path / "web-chat.png")
     tab.page.screenshot(path=screenshot)
     with open(screenshot, "rb") as f:
