@@ -37,7 +37,10 @@ below the default router's.
 
 Run: ``python bench/scale.py`` (about 10 minutes on 2 idle cores; needs the
 ``[ray]`` extra; the first run also builds the checkpoint, about a minute).
-``--conversations 8 --rounds 1`` gives a quick look while developing.
+``--conversations 8 --rounds 1`` gives a quick look while developing;
+``--answer-tokens 64`` gives answers closer to a chat model's (each later
+turn then re-sends more history), ``--replicas 4`` spreads the same load
+over more, smaller replicas (the two nodes' CPUs shared among them).
 """
 
 import argparse
@@ -65,7 +68,7 @@ Turn = Tuple[int, float, bool, int]  # (turn index, seconds to first text, previ
 # tokens the replica computed: prompt_tokens - cached_tokens)
 
 
-def conversation(client, index: int) -> List[Turn]:
+def conversation(client, index: int, new_tokens: int) -> List[Turn]:
     """One conversation's turns: TTFT and whether the previous prompt came from the cache."""
     messages = [{"role": "system", "content": SYSTEM}]
     previous_prompt, turns = 0, []
@@ -77,7 +80,7 @@ def conversation(client, index: int) -> List[Turn]:
         question = QUESTIONS[turn] if turn else f"(Family {index}) {QUESTIONS[0]}"
         messages.append({"role": "user", "content": question})
         started, first, pieces, usage = time.perf_counter(), None, [], None
-        for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=NEW_TOKENS,
+        for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=new_tokens,
                                                     temperature=0.8, top_p=0.95, seed=index * TURNS + turn,
                                                     stream=True,
                                                     stream_options={"include_usage": True}):
@@ -102,7 +105,7 @@ def replica_split(metrics_text: str) -> Dict[str, float]:
             if sample.name.endswith("_total")}
 
 
-def run_router(model_dir: str, router: str, port: int, imbalance: int, conversations: int) -> Dict[str, object]:
+def run_router(model_dir: str, router: str, port: int, args: argparse.Namespace) -> Dict[str, object]:
     """One round of one router: every conversation's turns, the requests each replica answered, the wall time."""
     import httpx
     import openai
@@ -112,14 +115,17 @@ def run_router(model_dir: str, router: str, port: int, imbalance: int, conversat
     from modelscope_llama2.serving.ray import EngineSpec, ScaleSpec, build_application
 
     engine = EngineSpec(model_dir, device="cpu", max_concurrent=8)
-    scale = ScaleSpec(replicas=2, replica_cpus=0.75, router=router, imbalance=imbalance)
+    # The two simulated nodes' CPUs, a quarter of each left to the ingress and Serve's actors.
+    scale = ScaleSpec(replicas=args.replicas, replica_cpus=1.5 / args.replicas, router=router,
+                      imbalance=args.imbalance)
     serve.run(build_application(engine, ServerConfig(MODEL), scale), name=router, route_prefix="/")
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
                                timeout=600)
         started = time.perf_counter()
         with ThreadPoolExecutor(CLIENTS) as pool:
-            turns = [t for result in pool.map(lambda i: conversation(client, i), range(conversations))
+            turns = [t for result in pool.map(lambda i: conversation(client, i, args.answer_tokens),
+                                                     range(args.conversations))
                      for t in result]
         wall = time.perf_counter() - started
         split = replica_split(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text)
@@ -152,6 +158,9 @@ def main() -> int:
                              "a conversation leaves its replica (default: 4)")
     parser.add_argument("--conversations", type=int, default=CONVERSATIONS,
                         help=f"conversations per round (default: {CONVERSATIONS}; fewer for a quick look only)")
+    parser.add_argument("--replicas", type=int, default=2, help="replicas over the 2 simulated nodes (default: 2)")
+    parser.add_argument("--answer-tokens", type=int, default=NEW_TOKENS,
+                        help=f"sampled tokens per answer (default: {NEW_TOKENS})")
     args = parser.parse_args()
     model_dir = checkpoint_dir(args.dir)
     print(machine_line())
@@ -178,7 +187,7 @@ def main() -> int:
         for index in range(args.rounds):
             # ABBA: a drift in the machine's load over the run weighs on both routers alike.
             for router in list(rounds)[::1 if index % 2 == 0 else -1]:
-                result = run_router(model_dir, router, port, args.imbalance, args.conversations)
+                result = run_router(model_dir, router, port, args)
                 rounds[router].append({**result, **figures(result["turns"])})
     finally:
         serve.shutdown()
@@ -188,8 +197,8 @@ def main() -> int:
 
 
 def report(rounds: Dict[str, List[Dict[str, object]]], args: argparse.Namespace) -> int:
-    print(f"\n{args.conversations} conversations x {TURNS} turns, 2 replicas, {CLIENTS} clients, "
-          f"{NEW_TOKENS} sampled tokens per answer, imbalance {args.imbalance}, {args.rounds} rounds "
+    print(f"\n{args.conversations} conversations x {TURNS} turns, {args.replicas} replicas, {CLIENTS} clients, "
+          f"{args.answer_tokens} sampled tokens per answer, imbalance {args.imbalance}, {args.rounds} rounds "
           f"(median of each figure)")
     ratios = [a["ttft_later_p50"] / d["ttft_later_p50"] for a, d in zip(rounds["affinity"], rounds["default"])]
     throughputs = [d["wall_s"] / a["wall_s"] for a, d in zip(rounds["affinity"], rounds["default"])]

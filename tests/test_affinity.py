@@ -6,7 +6,7 @@ from collections import Counter
 from modelscope_llama2 import Llama2Tokenizer
 from modelscope_llama2.constants import BOS_ID, DEMO_DIR, EOS_ID
 from modelscope_llama2.prompts.chat_format import encode_dialog
-from modelscope_llama2.serving.affinity import conversation_key, next_turn_ids, rank_order, turn_end_ids
+from modelscope_llama2.serving.affinity import Placements, conversation_key, next_turn_ids, rank_order, turn_end_ids
 
 SYSTEM = "You are a helpful, respectful and honest assistant. " * 20  # one long prompt every conversation shares
 
@@ -84,3 +84,35 @@ def test_next_turn_ids_are_how_the_next_prompt_goes_on_whatever_the_answer():
         ahead = next_turn_ids(answer, encode, BOS_ID, EOS_ID)
         assert following[:len(prompt) + len(ahead)] == prompt + ahead, repr(answer)
         assert len(following) > len(prompt) + len(ahead)  # the new question is left to compute
+
+
+def test_conversations_start_on_the_least_loaded_replica_and_stay():
+    placements = Placements(imbalance=4)
+    active = Counter()
+
+    def start(key):
+        order = rank_order(key, ["a", "b"])
+        home = placements.choose(key, order, lambda replica: active[replica])
+        active[home] += 1
+        return home
+
+    keys = [bytes([i]) * 32 for i in range(16)]
+    homes = {key: start(key) for key in keys}
+    # Started while the others run: 8 each, whatever the hash says (it splits these 16 keys unevenly).
+    assert Counter(homes.values()) == {"a": 8, "b": 8}
+    assert Counter(rank_order(key, ["a", "b"])[0] for key in keys) != {"a": 8, "b": 8}
+    # Later turns go back to where their conversation is, under the same load.
+    assert all(placements.choose(key, ["a", "b"], lambda replica: active[replica]) == home
+               for key, home in homes.items())
+
+
+def test_placements_forget_the_least_recently_used_conversation_first():
+    placements = Placements(imbalance=4, capacity=2)
+    idle = {"a": 0, "b": 0}.get
+    busy_a = {"a": 1, "b": 0}.get
+    assert placements.choose(b"one", ["a", "b"], idle) == "a"
+    assert placements.choose(b"two", ["b", "a"], idle) == "b"
+    assert placements.choose(b"one", ["b", "a"], busy_a) == "a"  # remembered, and now the most recent
+    assert placements.choose(b"three", ["a", "b"], busy_a) == "b"  # "two" is forgotten
+    assert placements.choose(b"two", ["a", "b"], busy_a) == "b"  # new again: the least loaded
+    assert placements.choose(b"one", ["b", "a"], idle) == "b"  # forgotten when "two" came back

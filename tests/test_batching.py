@@ -124,6 +124,26 @@ def test_next_turn_reuses_the_previous_turns_kv(engine, model, tokenizer):
     assert out[third.request_id] == reference(model, list(branch), 12)[0]
 
 
+def test_a_background_prefill_yields_to_requests_someone_waits_for(engine, model, tokenizer):
+    # The next turn's known beginning, prefilled for the cache: 15 steps of BACKGROUND_CHUNK_TOKENS ids.
+    ids = tuple(3 + i % 390 for i in range(480))
+    background = Prompt(ids, SamplingParams(max_new_tokens=0, options=GREEDY), background=True)
+    finished = threading.Event()
+    engine.submit(background, lambda event: event.finished and finished.set())
+    waited = Prompt(encode(tokenizer, "Where is the capital of Zhejiang?"), SamplingParams(max_new_tokens=3,
+                                                                                          options=GREEDY))
+    out, finals, _ = run(engine, [waited])
+    # Answered while the background prefill had most of its chunks still to go, and answered exactly.
+    assert not finished.is_set()
+    assert out[waited.request_id] == reference(model, list(waited.token_ids), 3)[0]
+    assert finished.wait(60)
+    # What it prefilled is in the cache for the turn that follows.
+    turn = Prompt(ids + tuple(tokenizer.encode("West Lake")), SamplingParams(max_new_tokens=3, options=GREEDY))
+    out, finals, _ = run(engine, [turn])
+    assert finals[turn.request_id].usage.cached_tokens == len(ids)
+    assert out[turn.request_id] == reference(model, list(turn.token_ids), 3)[0]
+
+
 def test_abort_frees_the_slot_at_once(model, tokenizer):
     engine = BatchingEngine(model, max_batch_size=1, max_model_len=512)
     try:

@@ -96,3 +96,6 @@ class Prompt:
     echo: bool = False
     # The request's tools: the answer is in the tool-call format (prompts/tools.py), parsed back into calls.
     tools: Optional["ToolSpec"] = None
+    # A prefill nobody waits for (the next turn's known beginning, to cache): an engine that schedules
+    # runs it in the gaps between the requests someone waits for.
+    background: bool = False

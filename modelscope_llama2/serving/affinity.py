@@ -11,12 +11,20 @@ all its turns and differs between conversations:
   that share one long system prompt still differ in their first user message,
   so they get different keys and spread over the replicas.
 * :func:`rank_order` orders replicas for a key by rendezvous (highest random
-  weight) hashing over replica *ranks*: when a replica goes, only its keys move
-  (each to its own next choice), and the replica that takes its rank takes
-  exactly those keys back.
+  weight) hashing over replica *ranks*: the tie-break between equally loaded
+  replicas, stable as replicas come and go (a replica that takes a departed
+  one's rank takes its place in every order).
 
 Hashes are sha256, never ``hash()``: every process that holds a handle runs
 its own router, and they must agree.
+
+Where a conversation starts is a choice of load, not of hash: hashing 16
+conversations onto 2 replicas gave them 10 and 6, and the busier replica's
+turns waited beside each other's (``bench/scale.py``). :class:`Placements`
+sends a conversation it has not seen to the least loaded replica (ties to
+the rendezvous order, so routers that saw nothing agree) and remembers where
+it went; later turns follow it there, as SGLang's cache-aware router keeps a
+conversation where its prefix is while the load is balanced.
 
 Since the next turn comes back to the same replica, that replica can also
 prefill its beginning while the user reads the answer:
@@ -35,7 +43,8 @@ Example:
 """
 
 import hashlib
-from typing import Hashable, List, Sequence
+from collections import OrderedDict
+from typing import Callable, Hashable, List, Sequence
 
 from ..prompts.chat_format import B_INST, E_INST, answer_text
 
@@ -99,3 +108,49 @@ def _through_first(token_ids: Sequence[int], pattern: tuple) -> Sequence[int]:
             if tuple(token_ids[start:start + n]) == pattern:
                 return token_ids[:start + n]
     return token_ids
+
+
+# Conversations a router remembers the replica of, least recently used forgotten first (a key and a replica
+# id take ~250 bytes: at most ~16 MB).
+PLACEMENTS_KEPT = 65536
+
+
+class Placements:
+    """Where each recent conversation went, and so where its next turn goes.
+
+    :meth:`choose` keeps a conversation on its replica unless that replica is
+    gone or has ``imbalance`` more requests than the least loaded one (then
+    the conversation moves: the replica that answers it holds its latest
+    prefix). A conversation not seen yet goes to the least loaded replica.
+
+    Example:
+        >>> placements = Placements(imbalance=2)
+        >>> load = {"a": 0, "b": 0}.get
+        >>> placements.choose(b"chat 1", ["a", "b"], load)  # a tie: the first in rendezvous order
+        'a'
+        >>> load = {"a": 1, "b": 0}.get
+        >>> placements.choose(b"chat 2", ["a", "b"], load), placements.choose(b"chat 1", ["b", "a"], load)
+        ('b', 'a')
+        >>> placements.choose(b"chat 1", ["a", "b"], {"a": 3, "b": 1}.get)  # 2 more than the least loaded
+        'b'
+        >>> placements.choose(b"chat 1", ["a"], load)  # its replica is gone
+        'a'
+    """
+
+    def __init__(self, imbalance: int, capacity: int = PLACEMENTS_KEPT):
+        self._imbalance = imbalance
+        self._capacity = capacity
+        self._where: "OrderedDict[bytes, Hashable]" = OrderedDict()
+
+    def choose(self, key: bytes, replicas: Sequence[Hashable], load: Callable[[Hashable], int]) -> Hashable:
+        """The replica for the conversation ``key`` among ``replicas`` (in :func:`rank_order` for ``key``);
+        ``load(replica)``: its requests."""
+        least = min(replicas, key=load)  # the first of the least loaded
+        home = self._where.get(key)
+        if home not in replicas or load(home) - load(least) >= self._imbalance:
+            home = least
+        self._where[key] = home
+        self._where.move_to_end(key)
+        if len(self._where) > self._capacity:
+            self._where.popitem(last=False)
+        return home

@@ -12,10 +12,10 @@ Two deployments make one Serve application:
 
 Routing happens one hop after Serve's HTTP proxy, in the ingress, where the
 prompt is a :class:`~modelscope_llama2.prompts.prompt.Prompt` and not bytes:
-:class:`ConversationAffinityRouter` (Serve's public request-router API) sends
-every turn of a conversation to the replica ranked first for it by
-:mod:`~modelscope_llama2.serving.affinity`, and to the least loaded of the
-others when that one is full or gone. Since the next turn comes back, a
+:class:`ConversationAffinityRouter` (Serve's public request-router API) starts
+a conversation on the least loaded replica and sends its later turns where
+it went (:mod:`~modelscope_llama2.serving.affinity`), and to the least loaded
+replica when that one is busy, full or gone. Since the next turn comes back, a
 replica then prefills its known beginning (the answer as the next prompt
 re-encodes it) while the user reads: :class:`NextTurnPrefill`.
 
@@ -23,7 +23,8 @@ Faults: a request whose replica dies before any text reached the app is sent
 again (the router no longer offers the dead replica); one cut mid-stream
 raises :class:`~modelscope_llama2.serving.backend.BackendUnavailable`, which
 the app turns into an OpenAI error event. Serve restarts the replica; it
-takes the dead one's rank, and with it the same conversations.
+takes the dead one's rank (its place in the rendezvous order of new
+conversations).
 
 Example (the ``+SKIP`` lines deploy onto a Ray cluster; ``tests/ray`` does so on
 a simulated two-node one):
@@ -39,7 +40,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, AsyncIterator, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 try:
     from ray import serve
@@ -59,7 +60,7 @@ from ..decoding import TextDelta
 from ..engines.base import Engine, Usage
 from ..engines.batching import BatchingEngine
 from ..prompts.prompt import Prompt, SamplingParams
-from .affinity import conversation_key, next_turn_ids, rank_order, turn_end_ids
+from .affinity import Placements, conversation_key, next_turn_ids, rank_order, turn_end_ids
 from .backend import Backend, BackendUnavailable, LocalBackend
 from .metrics import PREFIX
 from .app import create_app
@@ -307,7 +308,8 @@ class NextTurnPrefill:
                *next_turn_ids(answer, tokenizer.sp_model.encode, tokenizer.bos_token_id, tokenizer.eos_token_id))
         if len(ids) >= self._context_length:
             return
-        ahead = Prompt(token_ids=ids, sampling=SamplingParams(max_new_tokens=0, options={"do_sample": False}))
+        ahead = Prompt(token_ids=ids, sampling=SamplingParams(max_new_tokens=0, options={"do_sample": False}),
+                       background=True)
         loop, request_id = asyncio.get_running_loop(), ahead.request_id
         self._running[request_id] = (ids, asyncio.Event())
 
@@ -341,20 +343,17 @@ class NextTurnPrefill:
 
 
 class ConversationAffinityRouter(RequestRouter):
-    """Each conversation to the replica ranked first for its key, unless that one is busy; then the least loaded.
+    """Each conversation to one replica, chosen by load when it starts (:class:`~.affinity.Placements`).
 
-    Ranks: the replica holding the conversation's rank first, then all the
-    others (Serve takes the least loaded replica with room in the first
-    rank that has one; a replica is full at its ``max_ongoing_requests``).
-    The preferred replica is also passed over while it has ``imbalance``
-    more requests than the least loaded one: a queue costs more than a
-    cache miss saves. Anything that is not a prompt goes to the least
-    loaded replica. This never raises: a request must never hang on a
-    routing bug.
+    Ranks: the conversation's replica first, then all the others (Serve
+    takes the least loaded replica with room in the first rank that has one;
+    a replica is full at its ``max_ongoing_requests``). Anything that is not
+    a prompt goes to the least loaded replica. This never raises: a request
+    must never hang on a routing bug.
     """
 
     def initialize_state(self, imbalance: int = 4, **_: Any) -> None:
-        self._imbalance = imbalance
+        self._placements = Placements(imbalance)
 
     async def choose_replicas(
         self, candidate_replicas: List[RunningReplica], pending_request: Optional[PendingRequest] = None
@@ -363,34 +362,30 @@ class ConversationAffinityRouter(RequestRouter):
             # Without backoff, a deployment whose replicas are all full spins on this loop.
             pending_request.routing_context.should_backoff = True
         try:
-            ranked = preference(candidate_replicas, _prompt_of(pending_request))
-            if len(ranked) == 2 and self._busier(ranked[0], ranked[1]):
-                return [ranked[1], ranked[0]]
-            return ranked
+            return preference(candidate_replicas, _prompt_of(pending_request), self._placements, self._load)
         except Exception:  # a routing bug must cost cache hits, never requests
             logger.exception("conversation affinity failed; routing to the least loaded replica")
             return [list(candidate_replicas)]
 
-    def _busier(self, preferred: List[RunningReplica], others: List[RunningReplica]) -> bool:
-        def load(replica: RunningReplica) -> int:
-            return self.replica_queue_len_cache.get(replica.replica_id) or 0  # unknown: assume idle
-
-        return bool(others) and min(map(load, preferred)) - min(map(load, others)) >= self._imbalance
+    def _load(self, replica_id: Any) -> int:
+        return self.replica_queue_len_cache.get(replica_id) or 0  # unknown: assume idle
 
 
-def preference(replicas: Sequence[Any], prompt: Optional[Prompt]) -> List[List[Any]]:
-    """``[[preferred replicas], [the others]]`` for ``prompt`` (one rank of all when there is no choice)."""
+def preference(replicas: Sequence[Any], prompt: Optional[Prompt], placements: Placements,
+               load: Callable[[Any], int]) -> List[List[Any]]:
+    """``[[the conversation's replica], [the others]]`` for ``prompt`` (one rank of all when there is no choice)."""
     if prompt is None or len(replicas) < 2:
         return [list(replicas)]
     metadata = [replica.replica_metadata for replica in replicas]
     turn_end = next((m["turn_end_ids"] for m in metadata if "turn_end_ids" in m), ())
     # A replica that published no rank (still starting) can only be a fallback.
-    ranks = sorted({m["rank"] for m in metadata if "rank" in m})
-    if not ranks:
+    by_rank = {m["rank"]: replica for replica, m in zip(replicas, metadata) if "rank" in m}
+    if not by_rank:
         return [list(replicas)]
-    best = rank_order(conversation_key(prompt.token_ids, turn_end), ranks)[0]
-    preferred = [r for r, m in zip(replicas, metadata) if m.get("rank") == best]
-    return [preferred, [r for r in replicas if all(r is not p for p in preferred)]]
+    key = conversation_key(prompt.token_ids, turn_end)
+    ordered = {by_rank[rank].replica_id: by_rank[rank] for rank in rank_order(key, sorted(by_rank))}
+    home = ordered[placements.choose(key, list(ordered), load)]
+    return [[home], [r for r in replicas if r is not home]]
 
 
 def _prompt_of(pending_request: Optional[PendingRequest]) -> Optional[Prompt]:

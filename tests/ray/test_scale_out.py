@@ -207,6 +207,9 @@ def test_killing_a_replica_under_load_loses_no_request(scaled, local, scaled_url
     on_victim = [m for m in conversations if expected_rank(m) == 0]
     assert len(on_victim) >= 3, "the questions should send several conversations to rank 0"
     expected = [streamed(local, messages, max_tokens=200) for messages in conversations]
+    # Each conversation starts alone, so on its rendezvous replica (a tie of loads), and stays there.
+    for messages in conversations:
+        answer(scaled, messages, max_tokens=1)
     victim = victim_replica(scaled, scaled_url, on_victim[0])
     retries_before = metric_value(metrics(scaled_url), "modelscope_llama2_replica_retries")
 
@@ -244,9 +247,12 @@ def test_killing_a_replica_under_load_loses_no_request(scaled, local, scaled_url
         return deployment.replica_states.get("RUNNING", 0) == 2
 
     wait_for(healthy, 60, "two healthy replicas again")
-    # The replacement took the dead replica's rank, and with it its conversations.
+    # The replacement took the dead replica's rank: a new conversation ranked there starts on it.
+    fresh = next(messages for messages in (opening(f"{q} Once more.") for q in QUESTIONS)
+                 if expected_rank(messages) == 0)
+    expected_fresh = streamed(local, fresh, max_tokens=200)
     before = metrics(scaled_url)
-    assert streamed(scaled, on_victim[1], max_tokens=200) == expected[conversations.index(on_victim[1])]
+    assert streamed(scaled, fresh, max_tokens=200) == expected_fresh
     replica, rank = served_by(before, metrics(scaled_url))
     assert rank == "0" and not victim.endswith("#" + replica)
 
@@ -273,6 +279,7 @@ def test_a_whole_answer_whose_replica_dies_mid_generation_is_retried(scaled, loc
     whole, probe = long[:2]
     expected = answer(local, whole, max_tokens=2000)[0]
     victim = victim_replica(scaled, scaled_url, probe)
+    assert victim_replica(scaled, scaled_url, whole) == victim  # started alone: on its rendezvous replica
     retries_before = metric_value(metrics(scaled_url), "modelscope_llama2_replica_retries")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         chunks = scaled.chat.completions.create(model=MODEL, messages=probe, stream=True, max_tokens=2000, **GREEDY)
