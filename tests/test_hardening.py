@@ -283,7 +283,7 @@ def test_huge_requests_name_the_right_field_and_leave_the_loop_free(server):
 
 def test_an_engine_failure_is_a_500_or_an_error_event_and_counted(tiny_dir):
     # Finding 3: an engine failure answered 200 with finish_reason 'abort', counted as a 200.
-    app = build_app(tiny_dir, "tiny", max_running=2)
+    app = build_app(tiny_dir, "tiny", max_running=2, engine_process=False)  # its model patched below
     head = app.app.state.backend.engine.model.get_output_embeddings()  # the engine's every step ends in it
 
     def broken_forward(*args, **kwargs):
@@ -306,7 +306,7 @@ def test_a_responses_stream_that_fails_midway_ends_with_response_failed(tiny_dir
     import openai
     from openai.types.responses import ResponseFailedEvent
 
-    app = build_app(tiny_dir, "tiny", max_running=2)
+    app = build_app(tiny_dir, "tiny", max_running=2, engine_process=False)  # its model patched below
     head = app.app.state.backend.engine.model.get_output_embeddings()  # the engine's every step ends in it
     working, calls = head.forward, []
 
@@ -433,3 +433,63 @@ def test_long_message_lists_are_validated_like_short_ones(server, count):
         "model": "tiny", "messages": [*history, {"role": "user", "content": "Hello"}], "truncation": "auto",
         "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length", ok.text
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_either_http_parser_closes_connections_whose_headers_stall_and_serves_the_rest(parser):
+    # serve picks httptools where it is installed and h11 otherwise: the header deadline holds on both.
+    import uvicorn
+
+    from modelscope_llama2.serving.process import free_port
+    from modelscope_llama2.serving.server import header_deadline_http
+
+    async def hello(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    protocol = header_deadline_http(1, parser)
+    assert any(base.__module__ == f"uvicorn.protocols.http.{parser}_impl" for base in protocol.__mro__)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(hello, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+                                           http=protocol, timeout_keep_alive=30))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # the headers never end
+        kept = socket.create_connection(("127.0.0.1", port))
+        kept.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.monotonic()
+        answer = read_until_closed(kept, 10)  # answered, then idle: closed at the header deadline, not in 30 s
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\nok"), answer
+        assert closed_within(stalled, 10)
+        assert time.monotonic() - started < 5
+        for sock in (stalled, kept):
+            sock.close()
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_a_dead_engine_process_fails_its_streams_and_health_says_so(serve_process):
+    # serve's engine runs in a child process: if it dies (OOM killer, a segfault), requests must not hang.
+    url, _, process = serve_process
+    children = [pid for task in os.listdir(f"/proc/{process.pid}/task")
+                for pid in open(f"/proc/{process.pid}/task/{task}/children").read().split()]
+    # multiprocessing's spawn starts its resource tracker beside the engine.
+    engines = [int(pid) for pid in children if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]
+    assert len(engines) == 1, children
+    ask = {"model": "tiny", "prompt": "Hello", "max_tokens": 4000, "temperature": 0, "ignore_eos": True,
+           "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=ask, timeout=60) as streamed:
+        lines = streamed.iter_lines()
+        assert next(line for line in lines if line.startswith("data: ")).startswith('data: {"id"')
+        os.kill(engines[0], signal.SIGKILL)
+        events = [line[6:] for line in lines if line.startswith("data: ")]
+    assert json.loads(events[-2])["error"]["type"] == "server_error" and events[-1] == "[DONE]"
+    health = httpx.get(url + "/health", timeout=30)
+    assert (health.status_code, health.json()) == (503, {"status": "engine stopped"})
+    refused = httpx.post(url + "/v1/completions", json={**ask, "stream": False}, timeout=30)
+    assert refused.status_code == 503 and "engine has stopped" in refused.json()["error"]["message"]

@@ -26,7 +26,7 @@ import abc
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import AbstractSet, Iterator, Optional, Sequence, Tuple
+from typing import AbstractSet, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from ..prompts.prompt import Prompt, SamplingParams
 
@@ -151,3 +151,48 @@ class Engine(abc.ABC):
 
     def close(self) -> None:
         """Release what the engine holds (processes, threads, caches)."""
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine can take requests: False once it is closed or what runs it has died."""
+        return True
+
+
+class PushEngine(Engine):
+    """An engine that pushes each request's events to a callback (:meth:`submit`); ``generate`` is built on it."""
+
+    @abc.abstractmethod
+    def submit(self, prompt: Prompt, on_event: Callable[[TokenEvent], None]) -> None:
+        """Start generating for ``prompt``; ``on_event`` gets its events, from the engine's thread.
+
+        The last event has ``finish_reason``; none follows it. ``on_event``
+        must return quickly (it runs on the thread that drives the model).
+        Bad input raises ``ValueError`` here, before any model work.
+        """
+
+    def generate(self, prompts: Sequence[Prompt]) -> Iterator[TokenEvent]:
+        prompts = list(prompts)
+        events = EventBuffer()  # one pending event per request: a slow consumer never grows a queue
+        submitted: List[str] = []
+        try:
+            for prompt in prompts:  # all checked and queued now: bad input fails on the call
+                self.submit(prompt, events.put)
+                submitted.append(prompt.request_id)
+        except BaseException:
+            for request_id in submitted:
+                self.abort(request_id)
+            raise
+        return self._events(events, set(submitted))
+
+    def _events(self, events: EventBuffer, unfinished: set) -> Iterator[TokenEvent]:
+        try:
+            while unfinished:
+                event = events.get()
+                if event.finished:
+                    unfinished.discard(event.request_id)
+                if event.finish_reason == "error":
+                    raise RuntimeError(f"the {self.name} engine failed request {event.request_id} (see the log)")
+                yield event
+        finally:
+            for request_id in unfinished:  # the consumer left early
+                self.abort(request_id)

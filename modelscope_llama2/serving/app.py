@@ -108,6 +108,8 @@ def create_app(backend: Backend, config: ServerConfig) -> Any:
     async def health() -> Any:
         if drain.draining:  # load balancers stop sending here
             return JSONResponse({"status": "draining"}, status_code=503)
+        if not backend.alive:  # a supervisor restarts the server
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok"}
 
     card = ModelCard(id=config.served_model_name, max_model_len=backend.context_length)

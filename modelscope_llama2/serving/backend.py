@@ -62,6 +62,11 @@ class Backend(abc.ABC):
     async def close(self) -> None:
         """Release what the backend holds."""
 
+    @property
+    def alive(self) -> bool:
+        """Whether the backend can generate at all (``/health`` answers 503 otherwise); replicas come and go."""
+        return True
+
     def register_metrics(self, registry: Any) -> None:
         """Add the backend's own metrics to the app's Prometheus ``registry`` (served on ``/metrics``); none here."""
 
@@ -100,6 +105,8 @@ class LocalBackend(Backend):
         self.engine.check_sampling(sampling, where)
 
     async def stream(self, prompt: Prompt, whole: bool = False) -> AsyncIterator[TextDelta]:
+        if not self.engine.alive:
+            raise BackendUnavailable(f"the {self.engine_name} engine has stopped; see the server's log")
         mailbox = _Mailbox(self._waker(asyncio.get_running_loop()))
         detokenizer: List[StreamingDetokenizer] = []  # built on the engine's thread (long stops take a while)
 
@@ -135,6 +142,10 @@ class LocalBackend(Backend):
 
     async def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
+
+    @property
+    def alive(self) -> bool:
+        return self.engine.alive
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -8,6 +8,7 @@ Example:
 
 import asyncio
 import gc
+import importlib.util
 import ipaddress
 import logging
 import os
@@ -16,6 +17,7 @@ from typing import Any, Dict, Optional
 
 from ..constants import API_KEY_ENV
 from ..engines.factory import load_engine
+from ..engines.process import ProcessEngine
 from .backend import LocalBackend
 from .app import create_app
 from .config import ServerConfig
@@ -35,16 +37,26 @@ def default_sampling(model_dir: str) -> Dict[str, Any]:
 
 
 def build_app(model_dir: str, served_model_name: str, engine: str = "transformers", dtype: str = "auto",
-              device: Optional[str] = None, api_key: Optional[str] = None, **limits: Any) -> Any:
-    """The OpenAI app over a local engine for ``model_dir`` (``limits``: :class:`ServerConfig` fields)."""
+              device: Optional[str] = None, api_key: Optional[str] = None, engine_process: bool = True,
+              **limits: Any) -> Any:
+    """The OpenAI app over a local engine for ``model_dir`` (``limits``: :class:`ServerConfig` fields).
+
+    ``engine_process``: the transformers engine runs in a child process
+    (:class:`~modelscope_llama2.engines.process.ProcessEngine`), so the event
+    loop and the step loop do not share one GIL; False keeps it in this one.
+    vLLM runs its engine core in its own process already.
+    """
     from ..tokenizer import Llama2Tokenizer
 
     tokenizer = Llama2Tokenizer.from_pretrained(model_dir)
     max_running = limits.get("max_running", ServerConfig.max_running)
     # The batching engine runs as many requests at once as the server admits.
     engine_kwargs = {"max_batch_size": max_running} if engine == "transformers" else {}
-    backend = LocalBackend(load_engine(model_dir, engine, dtype, device, **engine_kwargs), tokenizer,
-                           max_workers=max_running)
+    if engine == "transformers" and engine_process:
+        loaded = ProcessEngine(model_dir, engine, dtype, device, **engine_kwargs)
+    else:
+        loaded = load_engine(model_dir, engine, dtype, device, **engine_kwargs)
+    backend = LocalBackend(loaded, tokenizer, max_workers=max_running)
     config = ServerConfig(served_model_name, api_key=api_key, default_sampling=default_sampling(model_dir), **limits)
     return create_app(backend, config)
 
@@ -90,7 +102,7 @@ def run(app: Any, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[s
     if not api_key and not is_loopback(host):
         logger.warning("serving on %s without an API key: anyone who can reach this address can use the model "
                        "(pass --api-key or set %s)", host, API_KEY_ENV)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", http=header_deadline_h11(limits.header_timeout),
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", http=header_deadline_http(limits.header_timeout),
                             timeout_keep_alive=limits.keep_alive, limit_concurrency=limits.max_connections,
                             # A backstop only: the drain ends every request itself by then.
                             timeout_graceful_shutdown=int(limits.drain_timeout) + 5)
@@ -123,41 +135,70 @@ def draining_server(config: Any, drain_timeout: float) -> Any:
     return Server(config)
 
 
-def header_deadline_h11(header_timeout: float) -> Any:
-    """uvicorn's h11 protocol with a deadline for each request's headers (uvicorn has none: slowloris)."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+def header_deadline_http(header_timeout: float, parser: Optional[str] = None) -> Any:
+    """uvicorn's HTTP protocol with a deadline for each request's headers (uvicorn has none: slowloris).
 
-    class HeaderDeadlineH11(H11Protocol):
-        _deadline: Optional[asyncio.TimerHandle] = None
+    ``parser``: ``httptools`` or ``h11``; by default httptools where it is
+    installed (the ``[serve]`` extra has it): its C parser and direct chunk
+    framing cost the event loop about half of what h11's pure-Python ones
+    do per streamed chunk.
+    """
+    if parser is None:
+        parser = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+    if parser == "h11":
+        from uvicorn.protocols.http.h11_impl import H11Protocol
 
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self._arm()
+        class HeaderDeadlineH11(_HeaderDeadline, H11Protocol):
+            def handle_events(self) -> None:
+                super().handle_events()
+                if self.cycle is not None and not self.cycle.response_complete:
+                    self._disarm()  # the headers are in: the request runs
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._arm()
+        return _with_timeout(HeaderDeadlineH11, header_timeout)
+    if parser != "httptools":
+        raise ValueError(f"parser: expected 'httptools' or 'h11', got {parser!r}")
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-        def handle_events(self) -> None:
-            super().handle_events()
-            if self.cycle is not None and not self.cycle.response_complete:
-                self._disarm()  # the headers are in: the request runs
+    class HeaderDeadlineHttpTools(_HeaderDeadline, HttpToolsProtocol):
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            self._disarm()  # the headers are in: the request runs
 
-        def connection_lost(self, exc: Optional[Exception]) -> None:
-            self._disarm()
-            super().connection_lost(exc)
+    return _with_timeout(HeaderDeadlineHttpTools, header_timeout)
 
-        def _arm(self) -> None:
-            self._disarm()
-            self._deadline = self.loop.call_later(header_timeout, self._expire)
 
-        def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
+def _with_timeout(protocol: Any, header_timeout: float) -> Any:
+    return type(protocol.__name__, (protocol,), {"header_timeout": header_timeout})
 
-        def _expire(self) -> None:
-            if self.cycle is None or self.cycle.response_complete:
-                self.transport.close()
 
-    return HeaderDeadlineH11
+class _HeaderDeadline:
+    """The deadline, armed when a connection opens and after each response, disarmed when headers are in."""
+
+    header_timeout: float
+    _deadline: Optional[asyncio.TimerHandle] = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        self._arm()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.header_timeout, self._expire)  # type: ignore[attr-defined]
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self) -> None:
+        cycle = self.cycle  # type: ignore[attr-defined]
+        if cycle is None or cycle.response_complete:
+            self.transport.close()  # type: ignore[attr-defined]

@@ -47,7 +47,7 @@ import torch
 
 from ...constants import BOS_ID, CONTEXT_LENGTH, EOS_ID
 from ...prompts.prompt import Prompt, SamplingParams
-from ..base import Engine, EventBuffer, TokenEvent, TokenLogprob, Usage
+from ..base import PushEngine, TokenEvent, TokenLogprob, Usage
 from ..logits import raw_logprobs, token_logprob
 from ..prefix_cache import common_prefix_length
 from ..transformers_engine import check_token_ids
@@ -71,7 +71,7 @@ CPU_KV_CACHE_BYTES = 2 << 30
 BACKGROUND_CHUNK_TOKENS = 32
 
 
-class BatchingEngine(Engine):
+class BatchingEngine(PushEngine):
     """Continuous batching with per-request sampling over a transformers causal LM.
 
     ``max_batch_size``: requests generating at once (more wait in a queue).
@@ -130,12 +130,6 @@ class BatchingEngine(Engine):
         return grammar_compiler(self.model)
 
     def submit(self, prompt: Prompt, on_event: Callable[[TokenEvent], None]) -> None:
-        """Start generating for ``prompt``; ``on_event`` gets its events, from the engine's thread.
-
-        The last event has ``finish_reason``; none follows it. ``on_event``
-        must return quickly (it runs on the thread that drives the model).
-        Bad input raises ``ValueError`` here, before any model work.
-        """
         check_token_ids([prompt], self.model.config.vocab_size)
         self.check_sampling(prompt.sampling)
         if len(prompt.token_ids) >= self.context_length:
@@ -153,20 +147,6 @@ class BatchingEngine(Engine):
             self._requests[prompt.request_id] = request
             self._inbox.append(request)
             self._cond.notify()
-
-    def generate(self, prompts: Sequence[Prompt]) -> Iterator[TokenEvent]:
-        prompts = list(prompts)
-        events = EventBuffer()  # one pending event per request: a slow consumer never grows a queue
-        submitted: List[str] = []
-        try:
-            for prompt in prompts:  # all checked and queued now: bad input fails on the call
-                self.submit(prompt, events.put)
-                submitted.append(prompt.request_id)
-        except BaseException:
-            for request_id in submitted:
-                self.abort(request_id)
-            raise
-        return self._events(events, set(submitted))
 
     def abort(self, request_id: str) -> None:
         with self._cond:
@@ -193,19 +173,6 @@ class BatchingEngine(Engine):
             return len(self._requests)
 
     # -- the step loop (engine thread only) --------------------------------------
-
-    def _events(self, events: EventBuffer, unfinished: set) -> Iterator[TokenEvent]:
-        try:
-            while unfinished:
-                event = events.get()
-                if event.finished:
-                    unfinished.discard(event.request_id)
-                if event.finish_reason == "error":
-                    raise RuntimeError(f"the {self.name} engine failed request {event.request_id} (see the log)")
-                yield event
-        finally:
-            for request_id in unfinished:  # the consumer left early
-                self.abort(request_id)
 
     def _loop(self) -> None:
         while True:
