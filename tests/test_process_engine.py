@@ -70,6 +70,14 @@ def test_an_aborted_request_ends_with_abort_and_others_go_on(engine):
     assert engine.running == 0
 
 
+def test_a_consumer_that_raises_costs_only_its_own_events(engine):
+    def broken(event):
+        raise RuntimeError("a consumer's bug")
+
+    engine.submit(sampled(11, max_new_tokens=30), broken)
+    assert [e.finish_reason for e in engine.generate([sampled(12, max_new_tokens=30)])][-1] == "length"
+
+
 def test_sigint_and_sigterm_leave_the_child_serving(engine):
     # Ctrl-C and service managers signal the whole process group: the parent drains first, then closes it.
     os.kill(engine._process.pid, signal.SIGINT)

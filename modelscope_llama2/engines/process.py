@@ -187,8 +187,12 @@ class ProcessEngine(PushEngine):
         with self._lock:
             callback = self._callbacks.pop(event.request_id) if event.finished else \
                 self._callbacks.get(event.request_id)
-        if callback is not None:
+        if callback is None:
+            return
+        try:
             callback(event)
+        except Exception:  # one consumer's fault: the thread goes on delivering everyone else's events
+            logger.exception("the consumer of request %s failed on its event", event.request_id)
 
     def _answer(self, call: int, error: Optional[str]) -> None:
         with self._lock:
