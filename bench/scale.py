@@ -114,7 +114,8 @@ def run_router(model_dir: str, router: str, port: int, args: argparse.Namespace)
     from modelscope_llama2.serving.config import ServerConfig
     from modelscope_llama2.serving.ray import EngineSpec, ScaleSpec, build_application
 
-    engine = EngineSpec(model_dir, device="cpu", max_concurrent=8)
+    options = {"kv_cache_bytes": kv_slot_bytes(model_dir) * args.kv_slots} if args.kv_slots else {}
+    engine = EngineSpec(model_dir, device="cpu", max_concurrent=8, engine_options=options)
     # The two simulated nodes' CPUs, a quarter of each left to the ingress and Serve's actors.
     scale = ScaleSpec(replicas=args.replicas, replica_cpus=1.5 / args.replicas, router=router,
                       imbalance=args.imbalance)
@@ -133,6 +134,17 @@ def run_router(model_dir: str, router: str, port: int, args: argparse.Namespace)
                 "split": "/".join(str(int(n)) for n in sorted(split.values(), reverse=True))}
     finally:
         serve.delete(router)
+
+
+def kv_slot_bytes(model_dir: str) -> int:
+    """The KV bytes of one batching-engine slot (a whole context) of the checkpoint in ``model_dir``."""
+    import torch
+    from transformers import AutoConfig
+
+    from modelscope_llama2.engines.batching.kv import bytes_per_token
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return bytes_per_token(config, torch.float32) * config.max_position_embeddings
 
 
 def figures(turns: List[Turn]) -> Dict[str, float]:
@@ -161,6 +173,10 @@ def main() -> int:
     parser.add_argument("--replicas", type=int, default=2, help="replicas over the 2 simulated nodes (default: 2)")
     parser.add_argument("--answer-tokens", type=int, default=NEW_TOKENS,
                         help=f"sampled tokens per answer (default: {NEW_TOKENS})")
+    parser.add_argument("--kv-slots", type=int, default=0,
+                        help="KV slots per replica, running and idle (default: the engine's own, 32 here: every "
+                             "conversation fits on every replica). Fewer make a replica evict idle conversations, "
+                             "as a GPU's KV memory does at 7B+ scale")
     args = parser.parse_args()
     model_dir = checkpoint_dir(args.dir)
     print(machine_line())
@@ -198,8 +214,8 @@ def main() -> int:
 
 def report(rounds: Dict[str, List[Dict[str, object]]], args: argparse.Namespace) -> int:
     print(f"\n{args.conversations} conversations x {TURNS} turns, {args.replicas} replicas, {CLIENTS} clients, "
-          f"{args.answer_tokens} sampled tokens per answer, imbalance {args.imbalance}, {args.rounds} rounds "
-          f"(median of each figure)")
+          f"{args.answer_tokens} sampled tokens per answer, imbalance {args.imbalance}, "
+          f"KV slots per replica {args.kv_slots or 'the engine default'}, {args.rounds} rounds (median of each figure)")
     ratios = [a["ttft_later_p50"] / d["ttft_later_p50"] for a, d in zip(rounds["affinity"], rounds["default"])]
     throughputs = [d["wall_s"] / a["wall_s"] for a, d in zip(rounds["affinity"], rounds["default"])]
     for router, results in rounds.items():
