@@ -112,6 +112,9 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--dtype", choices=LOAD_DTYPES, default="auto",
                         help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--device", help="cpu, gpu, cuda:N, or auto (default: gpu if available, else cpu)")
+    parser.add_argument("--engine-in-process", action="store_true",
+                        help="run the transformers engine in the server's own process (default: a child process, "
+                             "so HTTP and the model do not share one GIL; this flag is for profilers and debuggers)")
     parser.add_argument("--max-running", type=int, default=8, help="choices generating at once (default: 8)")
     parser.add_argument("--max-waiting", type=int, default=64,
                         help="choices queued behind them; past that, 429 at once (default: 64)")
@@ -162,6 +165,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     given = [flag for flag in RAY_ONLY_FLAGS if getattr(args, flag.lstrip("-").replace("-", "_")) is not None]
     if given and args.replicas is None:
         raise ValueError(f"{given[0]}: only applies with --replicas N (scale-out on Ray Serve)")
+    if args.engine_in_process and (args.replicas is not None or args.engine != "transformers"):
+        raise ValueError("--engine-in-process: only applies to the transformers engine without --replicas (vLLM "
+                         "and Ray replicas run their engines where they run them)")
     if args.replicas is not None:
         require_extra("ray", "serve --replicas")
     if args.ray_address is None:  # a cluster joined may already serve on that port itself
@@ -177,7 +183,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     from .serving.server import ConnectionLimits
 
     app = build_app(model_dir, name, engine=args.engine, dtype=args.dtype, device=args.device, api_key=args.api_key,
-                    max_running=args.max_running, max_waiting=args.max_waiting, body_timeout=args.body_timeout)
+                    engine_process=not args.engine_in_process, max_running=args.max_running,
+                    max_waiting=args.max_waiting, body_timeout=args.body_timeout)
     run(app, args.host, args.port, args.api_key,
         ConnectionLimits(args.header_timeout, args.keep_alive, args.max_connections, args.drain_timeout))
     return 0

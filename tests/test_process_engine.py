@@ -144,3 +144,30 @@ def _state(pid):
             return stat.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return "gone"
+
+
+def test_serve_engine_in_process_runs_no_child_and_answers():
+    import httpx
+
+    from modelscope_llama2.serving.process import start_serve
+
+    served = start_serve(["--engine-in-process", "--served-model-name", "demo"],
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        children = [pid for task in os.listdir(f"/proc/{served.process.pid}/task")
+                    for pid in open(f"/proc/{served.process.pid}/task/{task}/children").read().split()]
+        assert children == []
+        ask = {"model": "demo", "prompt": "Hello", "max_tokens": 3, "temperature": 0}
+        assert httpx.post(served.url + "/v1/completions", json=ask, timeout=60).json()["usage"]["completion_tokens"] \
+            > 0
+    finally:
+        served.process.terminate()
+        served.process.wait(60)
+
+
+def test_serve_refuses_engine_in_process_where_it_means_nothing():
+    refused = subprocess.run([sys.executable, "-m", "modelscope_llama2", "serve", "--engine", "vllm",
+                              "--engine-in-process"], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: --engine-in-process: only applies")
