@@ -5,7 +5,7 @@ the OpenAI app with 2 replicas of the 166M benchmark checkpoint
 (``bench/checkpoint.py``), behind Ray Serve's default router (power of two
 choices: the less loaded of two random replicas) and behind this package's
 conversation-affinity router, in alternating rounds (``--rounds``, medians
-reported). Each replica runs the batching engine (up to 8 requests in the
+reported). Each replica runs the batching engine (in a child process; up to 8 requests in the
 same forward passes, idle KV slots keeping conversations for their next
 turn); clients send the 16 conversations 4 at a time, every turn streamed
 with the real ``openai`` SDK, 16 sampled tokens per answer (temperature

@@ -13,6 +13,8 @@ Test modules import from here, never from each other or from conftest.
 * :func:`write_meta_release`: a checkpoint in Meta's release layout.
 * :func:`doc_blocks`: the code blocks of README.md and docs/, each with the
   marker comment that says how it is run or why it is not.
+* :func:`engine_processes`, :func:`process_runs`: a server's engine child
+  processes, read from ``/proc``.
 """
 
 import glob
@@ -453,3 +455,32 @@ def write_meta_release(directory, params, weights, n_shards):
             dim = SPLIT_DIM.get(name.split(".")[-2], None)
             shard[name] = weight.chunk(n_shards, dim)[rank].clone() if dim is not None else weight.clone()
         torch.save(shard, os.path.join(directory, f"consolidated.{rank:02d}.pth"))
+
+
+def _children(pid: int) -> List[int]:
+    try:
+        return [int(child) for task in os.listdir(f"/proc/{pid}/task")
+                for child in open(f"/proc/{pid}/task/{task}/children").read().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def engine_processes(pid: int) -> List[int]:
+    """The children of ``pid`` that multiprocessing spawned (its resource tracker, also a child, is not one)."""
+    def command(child: int) -> bytes:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                return cmdline.read()
+        except (FileNotFoundError, ProcessLookupError):
+            return b""
+
+    return [child for child in _children(pid) if b"spawn_main" in command(child)]
+
+
+def process_runs(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False

@@ -106,6 +106,15 @@ def test_conversations_start_on_the_least_loaded_replica_and_stay():
                for key, home in homes.items())
 
 
+def test_conversations_starting_on_idle_replicas_spread_evenly():
+    placements = Placements(imbalance=4)
+    idle = {"a": 0, "b": 0, "c": 0, "d": 0}.get
+    keys = [bytes([i]) * 32 for i in range(16)]
+    homes = [placements.choose(key, rank_order(key, list("abcd")), idle) for key in keys]
+    assert Counter(homes) == {"a": 4, "b": 4, "c": 4, "d": 4}
+    assert Counter(rank_order(key, list("abcd"))[0] for key in keys) != Counter(homes)  # the hash alone: uneven
+
+
 def test_placements_forget_the_least_recently_used_conversation_first():
     placements = Placements(imbalance=4, capacity=2)
     idle = {"a": 0, "b": 0}.get
@@ -115,4 +124,5 @@ def test_placements_forget_the_least_recently_used_conversation_first():
     assert placements.choose(b"one", ["b", "a"], busy_a) == "a"  # remembered, and now the most recent
     assert placements.choose(b"three", ["a", "b"], busy_a) == "b"  # "two" is forgotten
     assert placements.choose(b"two", ["a", "b"], busy_a) == "b"  # new again: the least loaded
-    assert placements.choose(b"one", ["b", "a"], idle) == "b"  # forgotten when "two" came back
+    # Forgotten when "two" came back, so new again: both idle, "a" holds none of the remembered two.
+    assert placements.choose(b"one", ["b", "a"], idle) == "a"

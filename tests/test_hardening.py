@@ -114,7 +114,7 @@ import httpx
 from modelscope_llama2.constants import DEMO_DIR
 from modelscope_llama2.serving.process import start_serve
 from modelscope_llama2.serving.server import build_app
-from tests.helpers import assert_drained, running_server, signal_with_streams_in_flight
+from tests.helpers import assert_drained, engine_processes, running_server, signal_with_streams_in_flight
 
 KEY = "sk-hardening"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -476,11 +476,8 @@ def test_either_http_parser_closes_connections_whose_headers_stall_and_serves_th
 def test_a_dead_engine_process_fails_its_streams_and_health_says_so(serve_process):
     # serve's engine runs in a child process: if it dies (OOM killer, a segfault), requests must not hang.
     url, _, process = serve_process
-    children = [pid for task in os.listdir(f"/proc/{process.pid}/task")
-                for pid in open(f"/proc/{process.pid}/task/{task}/children").read().split()]
-    # multiprocessing's spawn starts its resource tracker beside the engine.
-    engines = [int(pid) for pid in children if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]
-    assert len(engines) == 1, children
+    engines = engine_processes(process.pid)
+    assert len(engines) == 1, engines
     ask = {"model": "tiny", "prompt": "Hello", "max_tokens": 4000, "temperature": 0, "ignore_eos": True,
            "stream": True}
     with httpx.stream("POST", url + "/v1/completions", json=ask, timeout=60) as streamed:

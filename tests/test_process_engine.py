@@ -14,6 +14,7 @@ from modelscope_llama2.constants import DEMO_DIR
 from modelscope_llama2.engines.factory import load_engine
 from modelscope_llama2.engines.process import ProcessEngine
 from modelscope_llama2.prompts.prompt import Prompt, SamplingParams, StructuredOutput
+from tests.helpers import engine_processes, process_runs
 
 
 def sampled(seed, max_new_tokens=12):
@@ -31,7 +32,7 @@ def tokens_by_request(events):
 
 @pytest.fixture(scope="module")
 def engine():
-    engine = ProcessEngine(DEMO_DIR, max_batch_size=4)
+    engine = ProcessEngine(load_engine, DEMO_DIR, max_batch_size=4)
     yield engine
     engine.close()
 
@@ -87,7 +88,7 @@ def test_sigint_and_sigterm_leave_the_child_serving(engine):
 
 
 def test_a_child_that_dies_fails_its_requests_and_refuses_new_ones():
-    engine = ProcessEngine(DEMO_DIR, max_batch_size=2)
+    engine = ProcessEngine(load_engine, DEMO_DIR, max_batch_size=2)
     try:
         prompt = sampled(8, max_new_tokens=4000)
         events = engine.generate([prompt])
@@ -103,7 +104,7 @@ def test_a_child_that_dies_fails_its_requests_and_refuses_new_ones():
 
 
 def test_closing_ends_running_requests_with_abort():
-    engine = ProcessEngine(DEMO_DIR, max_batch_size=2)
+    engine = ProcessEngine(load_engine, DEMO_DIR, max_batch_size=2)
     prompt = sampled(10, max_new_tokens=4000)
     events = engine.generate([prompt])
     next(events)
@@ -114,8 +115,9 @@ def test_closing_ends_running_requests_with_abort():
 
 def test_a_child_whose_parent_is_killed_exits():
     script = textwrap.dedent(f"""
+        from modelscope_llama2.engines.factory import load_engine
         from modelscope_llama2.engines.process import ProcessEngine
-        engine = ProcessEngine({DEMO_DIR!r}, max_batch_size=2)
+        engine = ProcessEngine(load_engine, {DEMO_DIR!r}, max_batch_size=2)
         print(engine._process.pid, flush=True)
         import time; time.sleep(600)
     """)
@@ -126,7 +128,7 @@ def test_a_child_whose_parent_is_killed_exits():
         parent.kill()
         parent.wait(30)
         deadline = time.monotonic() + 30
-        while os.path.exists(f"/proc/{child}") and _state(child) != "Z":
+        while process_runs(child):
             assert time.monotonic() < deadline, "the engine process outlived its parent"
             time.sleep(0.1)
     finally:
@@ -135,15 +137,7 @@ def test_a_child_whose_parent_is_killed_exits():
 
 def test_a_checkpoint_that_fails_to_load_raises_its_error(tmp_path):
     with pytest.raises(RuntimeError, match="the engine process failed to load the engine: ValueError: Unrecognized model"):
-        ProcessEngine(str(tmp_path))
-
-
-def _state(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return "gone"
+        ProcessEngine(load_engine, str(tmp_path))
 
 
 def test_serve_engine_in_process_runs_no_child_and_answers():
@@ -154,9 +148,7 @@ def test_serve_engine_in_process_runs_no_child_and_answers():
     served = start_serve(["--engine-in-process", "--served-model-name", "demo"],
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
     try:
-        children = [pid for task in os.listdir(f"/proc/{served.process.pid}/task")
-                    for pid in open(f"/proc/{served.process.pid}/task/{task}/children").read().split()]
-        assert children == []
+        assert engine_processes(served.process.pid) == []
         ask = {"model": "demo", "prompt": "Hello", "max_tokens": 3, "temperature": 0}
         assert httpx.post(served.url + "/v1/completions", json=ask, timeout=60).json()["usage"]["completion_tokens"] \
             > 0

@@ -4,9 +4,10 @@ In one process, the thread driving the model and the event loop serving
 HTTP take turns holding the interpreter lock: measured under 8 streaming
 clients on 2 cores, the server used 0.9 of its 2 cores, the engine's thread
 waiting for the lock while the loop wrote chunks and the other way round.
-:class:`ProcessEngine` loads the engine (:func:`~.factory.load_engine`) in
-a spawned child and talks to it over two pipes, as vLLM's front end talks
-to its engine core:
+:class:`ProcessEngine` builds the engine in a spawned child (with
+:func:`~.factory.load_engine`, or any module-level loader: a Ray replica's
+loads through ModelScope's ``Model.from_pretrained``) and talks to it over
+two pipes, as vLLM's front end talks to its engine core:
 
 * to the child: ``("submit", prompt)``, ``("abort", request_id)``,
   ``("check", call, sampling, where)``, ``("close",)``; a prompt is plain
@@ -27,8 +28,9 @@ gone (its command pipe closes).
 
 Example:
     >>> from modelscope_llama2.constants import DEMO_DIR
+    >>> from modelscope_llama2.engines.factory import load_engine
     >>> from modelscope_llama2.prompts.prompt import Prompt, SamplingParams
-    >>> engine = ProcessEngine(DEMO_DIR, max_batch_size=2)
+    >>> engine = ProcessEngine(load_engine, DEMO_DIR, max_batch_size=2)
     >>> engine.name
     'transformers-batching'
     >>> prompt = Prompt(token_ids=(1, 3, 4), sampling=SamplingParams(max_new_tokens=3, options={"do_sample": False}))
@@ -45,7 +47,7 @@ import queue
 import signal
 import threading
 from concurrent.futures import Future
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..prompts.prompt import Prompt, SamplingParams
 from .base import PushEngine, TokenEvent
@@ -58,20 +60,20 @@ CLOSE_SECONDS = 30.0
 
 
 class ProcessEngine(PushEngine):
-    """The engine :func:`~.factory.load_engine` builds from the same arguments, run in a spawned child process.
+    """The engine ``load(*args, **kwargs)`` returns, run in a spawned child process.
 
-    The constructor returns once the child has loaded (and warmed up) the
-    engine; a child that fails to raises ``RuntimeError`` with its error.
+    ``load`` is a module-level function (the child imports it by name) and
+    its arguments plain data. The constructor returns once the child has
+    loaded (and warmed up) the engine; a child that fails to raises
+    ``RuntimeError`` with its error.
     """
 
-    def __init__(self, model_dir: str, engine: str = "transformers", dtype: str = "auto",
-                 device: Optional[str] = None, **engine_kwargs: Any):
+    def __init__(self, load: Callable[..., Any], *args: Any, **kwargs: Any):
         context = multiprocessing.get_context("spawn")  # fork would copy the parent's threads' locks mid-use
         child_commands, self._commands = context.Pipe(duplex=False)  # (reading end, writing end)
         self._replies, child_replies = context.Pipe(duplex=False)
         self._process = context.Process(
-            target=_child_main, args=(child_commands, child_replies, model_dir, engine, dtype, device, engine_kwargs),
-            name="engine", daemon=True)
+            target=_child_main, args=(child_commands, child_replies, load, args, kwargs), name="engine", daemon=True)
         self._process.start()
         child_commands.close()  # the child's ends: held by the child alone, so its exit closes the pipes
         child_replies.close()
@@ -221,15 +223,13 @@ class ProcessEngine(PushEngine):
 # -- the child ------------------------------------------------------------------
 
 
-def _child_main(commands: Any, replies: Any, model_dir: str, engine_name: str, dtype: str, device: Optional[str],
-                engine_kwargs: Dict[str, Any]) -> None:
+def _child_main(commands: Any, replies: Any, load: Callable[..., Any], args: Tuple[Any, ...],
+                kwargs: Dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when the engine stops (after its drain)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     [engine] %(message)s")
-    from .factory import load_engine
-
     try:
-        engine = load_engine(model_dir, engine_name, dtype, device, **engine_kwargs)
+        engine = load(*args, **kwargs)
     except Exception as error:  # the parent raises it
         logger.exception("loading the engine failed")
         replies.send(("failed", f"{type(error).__name__}: {error}"))

@@ -22,7 +22,8 @@ Where a conversation starts is a choice of load, not of hash: hashing 16
 conversations onto 2 replicas gave them 10 and 6, and the busier replica's
 turns waited beside each other's (``bench/scale.py``). :class:`Placements`
 sends a conversation it has not seen to the least loaded replica (ties to
-the rendezvous order, so routers that saw nothing agree) and remembers where
+the one holding fewest conversations, then to the rendezvous order, so
+routers that saw nothing agree) and remembers where
 it went; later turns follow it there, as SGLang's cache-aware router keeps a
 conversation where its prefix is while the load is balanced.
 
@@ -43,7 +44,7 @@ Example:
 """
 
 import hashlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Callable, Hashable, List, Sequence
 
 from ..prompts.chat_format import B_INST, E_INST, answer_text
@@ -121,15 +122,20 @@ class Placements:
     :meth:`choose` keeps a conversation on its replica unless that replica is
     gone or has ``imbalance`` more requests than the least loaded one (then
     the conversation moves: the replica that answers it holds its latest
-    prefix). A conversation not seen yet goes to the least loaded replica.
+    prefix). A conversation not seen yet goes to the least loaded replica;
+    between equally loaded ones, to the one holding fewest of the remembered
+    conversations (on an idle moment every replica's load is 0, and the
+    rendezvous order alone put 16 conversations on 4 replicas as 6/4/4/2).
 
     Example:
         >>> placements = Placements(imbalance=2)
         >>> load = {"a": 0, "b": 0}.get
         >>> placements.choose(b"chat 1", ["a", "b"], load)  # a tie: the first in rendezvous order
         'a'
+        >>> placements.choose(b"chat 2", ["a", "b"], load)  # a tie of loads: the replica holding fewer
+        'b'
         >>> load = {"a": 1, "b": 0}.get
-        >>> placements.choose(b"chat 2", ["a", "b"], load), placements.choose(b"chat 1", ["b", "a"], load)
+        >>> placements.choose(b"chat 3", ["a", "b"], load), placements.choose(b"chat 1", ["b", "a"], load)
         ('b', 'a')
         >>> placements.choose(b"chat 1", ["a", "b"], {"a": 3, "b": 1}.get)  # 2 more than the least loaded
         'b'
@@ -141,16 +147,20 @@ class Placements:
         self._imbalance = imbalance
         self._capacity = capacity
         self._where: "OrderedDict[bytes, Hashable]" = OrderedDict()
+        self._held: "Counter[Hashable]" = Counter()  # remembered conversations per replica
 
     def choose(self, key: bytes, replicas: Sequence[Hashable], load: Callable[[Hashable], int]) -> Hashable:
         """The replica for the conversation ``key`` among ``replicas`` (in :func:`rank_order` for ``key``);
         ``load(replica)``: its requests."""
-        least = min(replicas, key=load)  # the first of the least loaded
-        home = self._where.get(key)
+        least = min(replicas, key=lambda replica: (load(replica), self._held[replica]))  # the first of those
+        home = self._where.pop(key, None)
+        if home is not None:
+            self._held[home] -= 1
         if home not in replicas or load(home) - load(least) >= self._imbalance:
             home = least
         self._where[key] = home
-        self._where.move_to_end(key)
+        self._held[home] += 1
         if len(self._where) > self._capacity:
-            self._where.popitem(last=False)
+            _, forgotten = self._where.popitem(last=False)
+            self._held[forgotten] -= 1
         return home

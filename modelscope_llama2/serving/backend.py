@@ -149,7 +149,8 @@ class LocalBackend(Backend):
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-        self.engine.close()
+        # Off the loop: an engine in a child process is joined (up to ProcessEngine's CLOSE_SECONDS).
+        await asyncio.to_thread(self.engine.close)
 
     def _submit_in_thread(self, prompt: Prompt, on_event: Callable[[Any], None]) -> None:
         def run() -> None:

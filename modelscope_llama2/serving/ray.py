@@ -37,10 +37,11 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 try:
@@ -58,9 +59,10 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from prometheus_client import CollectorRegistry, Counter
 
 from ..decoding import TextDelta
-from ..engines.base import Engine, Usage
-from ..engines.batching import BatchingEngine
+from ..engines.base import Engine, PushEngine, Usage
+from ..engines.process import ProcessEngine
 from ..prompts.prompt import Prompt, SamplingParams
+from ..tokenizer import Llama2Tokenizer
 from .affinity import Placements, conversation_key, next_turn_ids, rank_order, turn_end_ids
 from .backend import Backend, BackendUnavailable, LocalBackend
 from .metrics import PREFIX
@@ -208,21 +210,21 @@ class ServedBy:
 # -- the replicas ---------------------------------------------------------------------
 
 
-def load_engine(spec: EngineSpec) -> Tuple[Engine, Any]:
-    """``(engine, tokenizer)`` for ``spec``, the weights loaded through ModelScope's ``Model.from_pretrained``.
+def load_engine(spec: EngineSpec) -> Engine:
+    """The engine of ``spec`` over weights loaded through ModelScope's ``Model.from_pretrained``.
 
     transformers weights get the batching engine of every server
     (:func:`~modelscope_llama2.engines.factory.serving_engine`), running up to
     ``spec.max_concurrent`` requests in the same forward passes; its idle KV
-    slots keep the conversations affinity routing sends back. ``vllm``: the
-    facade builds it (imported only then).
+    slots keep the conversations affinity routing sends back. A replica runs
+    it in a child process (:class:`ModelReplica`). ``vllm``: the facade builds
+    it (imported only then).
     """
     import modelscope_llama2  # noqa: F401  (registers the model with ModelScope)
     from modelscope import Model
 
     from ..constants import LLM_FRAMEWORK_KEY
     from ..engines.factory import serving_engine
-    from ..tokenizer import Llama2Tokenizer
 
     kwargs: Dict[str, Any] = {LLM_FRAMEWORK_KEY: spec.engine}
     for key, value in (("revision", spec.revision), ("device", spec.device)):
@@ -232,10 +234,17 @@ def load_engine(spec: EngineSpec) -> Tuple[Engine, Any]:
         kwargs["torch_dtype" if spec.engine == "transformers" else "dtype"] = spec.dtype
     if spec.engine == "transformers":
         model = Model.from_pretrained(spec.model, **kwargs)
-        engine = serving_engine(model, **{"max_batch_size": spec.max_concurrent, **spec.engine_options})
-        return engine, Llama2Tokenizer.from_pretrained(model.model_dir)
-    model = Model.from_pretrained(spec.model, **kwargs, **spec.engine_options)
-    return model.engine, Llama2Tokenizer.from_pretrained(model.model_dir)
+        return serving_engine(model, **{"max_batch_size": spec.max_concurrent, **spec.engine_options})
+    return Model.from_pretrained(spec.model, **kwargs, **spec.engine_options).engine
+
+
+def local_checkpoint(spec: EngineSpec) -> EngineSpec:
+    """``spec`` with a local directory for its model (a ModelScope id is downloaded here, into ModelScope's cache)."""
+    if os.path.isdir(os.path.expanduser(spec.model)):
+        return spec
+    from modelscope import snapshot_download
+
+    return replace(spec, model=snapshot_download(spec.model, revision=spec.revision), revision=None)
 
 
 class ModelReplica:
@@ -246,15 +255,20 @@ class ModelReplica:
     """
 
     def __init__(self, spec: EngineSpec, prefill_next_turn: bool = False):
-        engine, tokenizer = load_engine(spec)
+        # The transformers engine in a child process, as ``serve`` runs it: the replica's event loop (Serve's
+        # requests, every streamed delta) and the step loop no longer take turns on one interpreter lock.
+        # vLLM runs its engine core in a process of its own already.
+        spec = local_checkpoint(spec)
+        engine = ProcessEngine(load_engine, spec) if spec.engine == "transformers" else load_engine(spec)
+        tokenizer = Llama2Tokenizer.from_pretrained(spec.model)
         self._ahead = NextTurnPrefill(engine, tokenizer) if prefill_next_turn else None
         self._backend = LocalBackend(engine, tokenizer, max_workers=spec.max_concurrent)
         self._engine: Engine = engine
         context = serve.get_replica_context()
         self._served_by = ServedBy(context.replica_id.unique_id, context.rank.rank)
         self._turn_end = turn_end_ids(tokenizer.sp_model.encode)
-        # As the single server does: the loaded model and libraries frozen, a full collection never walks
-        # them again (one held the GIL, so the replica's loop and engine, for 0.5-1 s).
+        # As the single server does: the loaded libraries (and a vLLM engine's objects) frozen, a full
+        # collection never walks them again (one held the replica's loop for 0.5-1 s).
         gc.freeze()
 
     def record_replica_metadata(self) -> Dict[str, Any]:
@@ -297,8 +311,9 @@ class NextTurnPrefill:
     """
 
     def __init__(self, engine: Engine, tokenizer: Any):
-        # The batching engine only: it takes a prompt to prefill alone (max_new_tokens=0); vLLM does not.
-        self._submit = engine.submit if isinstance(engine, BatchingEngine) else None
+        # The batching engine only (here or in its child): it takes a prompt to prefill alone
+        # (max_new_tokens=0); vLLM does not.
+        self._submit = engine.submit if isinstance(engine, PushEngine) else None
         self._context_length = engine.context_length
         self._tokenizer = tokenizer
         self._running: Dict[str, Tuple[Tuple[int, ...], asyncio.Event]] = {}

@@ -53,7 +53,7 @@ def build_app(model_dir: str, served_model_name: str, engine: str = "transformer
     # The batching engine runs as many requests at once as the server admits.
     engine_kwargs = {"max_batch_size": max_running} if engine == "transformers" else {}
     if engine == "transformers" and engine_process:
-        loaded = ProcessEngine(model_dir, engine, dtype, device, **engine_kwargs)
+        loaded = ProcessEngine(load_engine, model_dir, engine, dtype, device, **engine_kwargs)
     else:
         loaded = load_engine(model_dir, engine, dtype, device, **engine_kwargs)
     backend = LocalBackend(loaded, tokenizer, max_workers=max_running)
