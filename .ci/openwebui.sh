@@ -7,35 +7,17 @@
 # a venv of its own, without the package: the server and the tests run in the CI venv (Playwright is
 # installed there, as .ci/web.sh does; it drives Debian's Chromium) and Open WebUI is a subprocess. torch is
 # pinned to the CPU wheel the core step uses (Open WebUI does not pin it, and an unpinned one pulls a CUDA
-# build: 4 GB more). Cached between CI runs on the same machine and rebuilt only when missing, half-built, or
-# when this script (the pins below) changes. About 1.5 min with the venv cached, plus about 3 min to build it.
+# build: 4 GB more). Cached (.ci/provision.bash) and rebuilt when this script (the pins below) changes.
+# About 1.5 min with the venv cached, plus about 3 min to build it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. .ci/provision.bash
 . .venv/bin/activate
 
+apt_packages chromium
 OPENWEBUI_VERSION=0.12.4
-CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/modelscope_llama2-ci"
-VENV="$CACHE/venv-openwebui-$OPENWEBUI_VERSION"
-STAMP="$VENV/.built-$(sha256sum .ci/openwebui.sh | cut -c1-16)"
-
-if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q "install ok installed"; then
-  as_root=()
-  (( EUID == 0 )) || as_root=(sudo)
-  "${as_root[@]}" apt-get update -q
-  DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -q --no-install-recommends chromium
-fi
-
-if [[ ! -f "$STAMP" ]]; then
-  echo "building $VENV"
-  rm -rf "$VENV"
-  mkdir -p "$CACHE"
-  python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q torch==2.13.0 "open-webui==$OPENWEBUI_VERSION"
-  touch "$STAMP"
-else
-  echo "reusing $VENV"
-fi
+build() { "$1" -m pip install -q torch==2.13.0 "open-webui==$OPENWEBUI_VERSION"; }
+cached_venv "venv-openwebui-$OPENWEBUI_VERSION" build .ci/openwebui.sh
 "$VENV/bin/python" -c "from importlib.metadata import version as v; print('open-webui', v('open-webui'), '| torch', v('torch'))"
 # Playwright drives /usr/bin/chromium (executable_path); `playwright install` is never run.
 python -m pip install -q playwright

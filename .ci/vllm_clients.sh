@@ -7,8 +7,8 @@
 # About 2 min on 2 cores (vLLM's start-up is ~1 min of it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. .ci/provision.bash  # $CACHE
 
-CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/modelscope_llama2-ci"
 VLLM_VERSION=$(sed -n 's/^VLLM_VERSION=//p' .ci/vllm.sh)  # the version .ci/vllm.sh built its venv for
 SERVER_VENV="$CACHE/venv-vllm-$VLLM_VERSION"
 CLIENTS_VENV="$CACHE/venv-structured-clients"

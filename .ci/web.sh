@@ -4,18 +4,10 @@
 # 1.5 min on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. .ci/provision.bash  # apt_packages
 . .venv/bin/activate
 
-missing=()
-for package in chromium fonts-noto-cjk fonts-noto-color-emoji; do
-  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
-done
-if (( ${#missing[@]} )); then
-  as_root=()
-  (( EUID == 0 )) || as_root=(sudo)
-  "${as_root[@]}" apt-get update -q
-  DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+apt_packages chromium fonts-noto-cjk fonts-noto-color-emoji
 
 # Playwright drives Debian's /usr/bin/chromium (executable_path); `playwright install` is never run,
 # its browser download is not reachable from CI.
